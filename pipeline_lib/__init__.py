@@ -1,0 +1,1 @@
+"""Library behind the pipeline stages: config, data, models, losses, trainers, tracking."""
