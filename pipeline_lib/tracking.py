@@ -1,0 +1,241 @@
+"""MLflow tracking: one run per stage execution, with lineage tags, flat params and batched metrics.
+
+Store: `MLFLOW_TRACKING_URI` when set (a team's `mlflow server`), else `sqlite:///<root>/mlflow.db` with
+artifacts under `<root>/mlartifacts`, where root is `$DVC_ROOT` when DVC runs the stage (it may run it in
+a temporary copy) and otherwise the project folder around the working directory.
+
+Trainers and stages talk to a `Tracker`. The base class does nothing, so a unit test that asks for it can
+run a trainer without MLflow; `stage_run` hands out an `MlflowTracker` bound to a live run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline_lib.config import Params, params_hash
+
+MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch call
+
+
+def project_root() -> Path:
+    """`$DVC_ROOT` if DVC is running us, else the nearest folder up from here holding `dvc.yaml`."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    here = Path.cwd().resolve()
+    return next((p for p in (here, *here.parents) if (p / "dvc.yaml").is_file()), here)
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    """The tracking URI every stage logs to."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{(root or project_root()) / 'mlflow.db'}"
+
+
+def artifact_location(uri: str, root: Path) -> str | None:
+    """Artifacts of a local sqlite store live beside it; a tracking server chooses its own store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = Path(uri.removeprefix("sqlite:///"))
+    folder = root / "mlartifacts" if database == root / "mlflow.db" else database.parent / "mlartifacts"
+    return folder.resolve().as_uri()
+
+
+class Tracker:
+    """The interface trainers and stages log through. This base class records nothing."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log flat dotted params."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log scalar metrics at `step` (buffered; see `flush`)."""
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags."""
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Copy a local file or folder into the run's artifacts."""
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        """Save a matplotlib figure as an artifact."""
+
+    def log_dict(self, dictionary: Mapping[str, Any], artifact_file: str) -> None:
+        """Save a JSON or YAML document as an artifact."""
+
+    def log_dataset(
+        self, images: np.ndarray, labels: np.ndarray | None, *, name: str, source: str, sha256: str, context: str
+    ) -> None:
+        """Record a dataset as an input of the run, identified by its digest."""
+
+    def flush(self) -> None:
+        """Send buffered metrics."""
+
+
+class MlflowTracker(Tracker):
+    """A `Tracker` bound to one MLflow run; metric writes are batched."""
+
+    def __init__(self, run_id: str, flush_every: int = 200) -> None:
+        import mlflow
+
+        self.run_id = run_id
+        self._client = mlflow.MlflowClient()
+        self._pending: list[Any] = []
+        self._flush_every = flush_every
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        entries = [Param(key, _param_text(value)) for key, value in params.items()]
+        for start in range(0, len(entries), 100):  # MLflow accepts at most 100 params per batch
+            self._client.log_batch(self.run_id, params=entries[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), timestamp, step or 0) for k, v in metrics.items()]
+        if len(self._pending) >= self._flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            self._client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        self._client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_dict(self, dictionary: Mapping[str, Any], artifact_file: str) -> None:
+        self._client.log_dict(self.run_id, dict(dictionary), artifact_file)
+
+    def log_dataset(
+        self, images: np.ndarray, labels: np.ndarray | None, *, name: str, source: str, sha256: str, context: str
+    ) -> None:
+        import mlflow
+
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source class twice and warns that a path is ambiguous.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            dataset = mlflow.data.from_numpy(images, source=source, targets=labels, name=name, digest=sha256[:16])
+        mlflow.log_input(dataset, context=context, tags={"sha256": sha256})
+
+
+def _param_text(value: Any) -> str:
+    """Params as YAML spells them, so `null` and `true` read the same in the UI as in params.yaml."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return str(value)
+
+
+def git_state(root: Path) -> dict[str, str]:
+    """Commit and dirty flag of the repository at `root` ("unknown" outside git)."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"git.commit": "unknown", "git.dirty": "unknown"}
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"git.commit": commit, "git.dirty": "unknown" if dirty is None else str(bool(dirty)).lower()}
+
+
+def lineage_tags(
+    stage: str,
+    root: Path,
+    logged_params: Mapping[str, Any],
+    inputs: Mapping[str, str],
+    upstream: Mapping[str, str],
+) -> dict[str, str]:
+    """The tags every stage run carries: stage, git state, DVC experiment, params hash, inputs, upstream runs."""
+    tags = {"stage": stage, **git_state(root), "params.hash": params_hash(logged_params)}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    tags.update({f"input.{name}.sha256": digest for name, digest in inputs.items()})
+    tags.update({f"upstream.{name}.run_id": run_id for name, run_id in upstream.items()})
+    return tags
+
+
+def _experiment_id(name: str, uri: str, root: Path) -> str:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifact_location(uri, root))
+    except MlflowException:  # created meanwhile by another process
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+@contextmanager
+def stage_run(
+    stage: str,
+    params: Params,
+    logged_params: Mapping[str, Any],
+    *,
+    inputs: Mapping[str, str] | None = None,
+    upstream: Mapping[str, str] | None = None,
+) -> Iterator[MlflowTracker]:
+    """Open the MLflow run of one stage execution; it ends FAILED if the body raises.
+
+    Args:
+        stage: the DVC stage name; also the run name.
+        params: the validated params (for the experiment name).
+        logged_params: the flat dotted params this stage uses, logged and hashed.
+        inputs: name -> sha256 of each input (data, upstream model), logged as `input.<name>.sha256` tags.
+        upstream: stage -> run id of the runs that produced this stage's inputs.
+    """
+    import mlflow
+
+    root = project_root()
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    experiment_id = _experiment_id(params.tracking.experiment, uri, root)
+    tags = lineage_tags(stage, root, logged_params, inputs or {}, upstream or {})
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
+        tracker = MlflowTracker(run.info.run_id)
+        tracker.log_params(logged_params)
+        try:
+            yield tracker
+        finally:
+            tracker.flush()
+
+
+def write_run_record(path: Path, tracker: Tracker, **extra: Any) -> None:
+    """Write `run.json` (run id, tracking URI, extras) atomically, for downstream stages and cached reruns."""
+    import mlflow
+
+    record = {"run_id": tracker.run_id, "tracking_uri": mlflow.get_tracking_uri(), **extra}
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    partial.replace(path)
