@@ -1,0 +1,39 @@
+"""DVC stage `fetch`: download or read the data source and write the prepared splits.
+
+Usage: python -m stages.fetch --params params.yaml --out data/prepared --cache-dir data/cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline_lib.config import ConfigError, flatten, load_params
+from pipeline_lib.data.download import DataError
+from pipeline_lib.data.prepare import prepare_dataset
+from pipeline_lib.data.summary import log_prepared
+from pipeline_lib.tracking import stage_run, write_run_record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--out", type=Path, required=True, help="prepared-data folder (the stage's out)")
+    parser.add_argument("--cache-dir", type=Path, required=True, help="where downloads and extractions are kept")
+    args = parser.parse_args()
+    try:
+        params = load_params(args.params)  # every params error surfaces here, before any work
+        logged = {"seed": params.seed, **flatten(params.data, prefix="data.")}
+        with stage_run("fetch", params, logged) as run:
+            metas = prepare_dataset(params.data, params.seed, args.out, args.cache_dir)
+            log_prepared(run, args.out, metas)
+            write_run_record(args.out / "run.json", run)
+    except (ConfigError, DataError) as err:
+        sys.exit(f"fetch: {err}")
+    sizes = ", ".join(f"{name} {meta['num_images']}" for name, meta in metas.items())
+    print(f"fetch: {params.data.source} -> {args.out} ({sizes}); MLflow run {run.run_id}")
+
+
+if __name__ == "__main__":
+    main()
