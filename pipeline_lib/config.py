@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -37,8 +38,8 @@ OFFICIAL_ARCHIVES: dict[str, tuple[str, str]] = {
     ),
 }
 
-_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class ConfigError(ValueError):
@@ -66,7 +67,7 @@ class TrackingParams:
         for name in ("experiment", "encoder_model", "classifier_model"):
             value = getattr(self, name)
             _check(
-                bool(_NAME.match(value)),
+                bool(_NAME.fullmatch(value)),
                 f"tracking.{name}",
                 value,
                 "must be a non-empty name of letters, digits, '.', '_' or '-'",
@@ -95,8 +96,8 @@ class DataParams:
             self.label_fraction + self.rl_fraction <= 1.0,
             "data.rl_fraction",
             self.rl_fraction,
-            f"data.label_fraction + data.rl_fraction must be <= 1 (labeled and rl splits are disjoint), "
-            f"got {self.label_fraction} + {self.rl_fraction}",
+            f"data.label_fraction + data.rl_fraction = {self.label_fraction} + {self.rl_fraction} must be <= 1 "
+            "(the labeled and rl splits are disjoint); lower one, e.g. rl_fraction 0 with label_fraction 1",
         )
         if self.max_images is not None:
             _check(self.max_images >= 1, "data.max_images", self.max_images, "must be a positive integer or null")
@@ -109,7 +110,8 @@ class DataParams:
                 f"only the imagefolder source resizes images; remove it for source {self.source!r}",
             )
         if self.sha256 is not None:
-            _check(bool(_SHA256.match(self.sha256)), "data.sha256", self.sha256, "must be 64 hexadecimal characters")
+            hex_digest = bool(_SHA256.fullmatch(self.sha256))
+            _check(hex_digest, "data.sha256", self.sha256, "must be 64 hexadecimal characters")
         self._check_location()
 
     def _check_location(self) -> None:
@@ -119,6 +121,12 @@ class DataParams:
                 value = getattr(self, name)
                 _check(value is None, f"data.{name}", value, "must be null for source 'digits' (bundled data)")
             return
+        _check(
+            self.url is not None or self.sha256 is None,
+            "data.sha256",
+            self.sha256,
+            "is only set together with data.url (it is the digest of the archive to download)",
+        )
         if self.url is not None:
             _check(
                 self.sha256 is not None,
@@ -128,12 +136,6 @@ class DataParams:
             )
         if self.source in OFFICIAL_ARCHIVES:
             _check(self.path is None, "data.path", self.path, f"must be null for source {self.source!r}")
-            _check(
-                self.url is not None or self.sha256 is None,
-                "data.sha256",
-                self.sha256,
-                "is only set together with data.url (the official archive's sha256 is built in)",
-            )
             return
         _check(
             (self.url is None) != (self.path is None),
@@ -173,7 +175,7 @@ def load_params(path: str | Path) -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    return params_from_dict(raw or {})
+    return params_from_dict({} if raw is None else raw)  # an empty file means all defaults
 
 
 def params_from_dict(raw: Mapping[str, Any]) -> Params:
@@ -219,7 +221,12 @@ def _convert(annotation: Any, value: Any, key: str) -> Any:
         if isinstance(value, str) and _looks_numeric(value):
             _fail(key, value, "must be a number; YAML reads '1e-4' as text, write 1.0e-4")
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "must be a number")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        _check(math.isfinite(number), key, value, "must be a finite number")
+        return number
     elif annotation is str:
         _check(isinstance(value, str), key, value, "must be a string")
     else:  # pragma: no cover - a new field type needs a branch here

@@ -1,0 +1,266 @@
+"""`pipeline_lib.config`: the committed params, every rejection message, conversions, flatten and hashing."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from pipeline_lib.config import (
+    OFFICIAL_ARCHIVES,
+    ConfigError,
+    DataParams,
+    Params,
+    TrackingParams,
+    flatten,
+    load_params,
+    params_from_dict,
+    params_hash,
+)
+
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+SHA = "ab" * 32
+MIRROR = "https://mirror.example/archive.tar.gz"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    """Write `text` to a params file under `tmp_path` and return its path."""
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_committed_params_yaml_gives_documented_defaults() -> None:
+    """The repository's params.yaml loads and equals the dataclass defaults it documents."""
+    params = load_params(REPO_PARAMS)
+    assert params == Params()
+    assert params.seed == 0
+    assert params.device == "auto"
+    assert params.tracking == TrackingParams("ssl-pipeline", "ssl-pipeline-encoder", "ssl-pipeline-classifier")
+    data = params.data
+    assert data.source == "digits"
+    assert (data.url, data.sha256, data.path, data.image_size, data.max_images) == (None,) * 5
+    assert (data.label_fraction, data.rl_fraction, data.test_fraction) == (0.1, 0.1, 0.2)
+    assert data.archive is None
+
+
+# (yaml_text, expected): expected[0] is the message prefix (dotted key and offending value),
+# the rest must appear somewhere in the message (what is accepted, hints).
+BAD_INPUTS: list[tuple[str, list[str]]] = [
+    # unknown keys
+    (
+        "dta:\n  source: digits\n",
+        ["dta: unknown key", "accepted keys: seed, device, tracking, data", "did you mean data?"],
+    ),
+    (
+        "data:\n  label_frac: 0.5\n",
+        ["data.label_frac: unknown key", "accepted keys: source, url", "did you mean data.label_fraction?"],
+    ),
+    # wrong types
+    ('seed: "zero"\n', ["seed='zero'", "must be an integer"]),
+    ("seed: 1.5\n", ["seed=1.5", "must be an integer"]),
+    ("data:\n  max_images: true\n", ["data.max_images=True", "must be an integer"]),
+    ("data: [1]\n", ["data=[1]", "must be a mapping of keys to values"]),
+    ("tracking: [a]\n", ["tracking=['a']", "must be a mapping of keys to values"]),
+    ("- 1\n", ["params=[1]", "must be a mapping of keys to values"]),
+    ("tracking:\n  encoder_model: 5\n", ["tracking.encoder_model=5", "must be a string"]),
+    ("data:\n  label_fraction: 1e-4\n", ["data.label_fraction='1e-4'", "must be a number", "write 1.0e-4"]),
+    ("data:\n  rl_fraction: lots\n", ["data.rl_fraction='lots'", "must be a number"]),
+    # out of range
+    ("data:\n  label_fraction: 1.5\n", ["data.label_fraction=1.5: must be in (0, 1]"]),
+    ("data:\n  label_fraction: 0\n", ["data.label_fraction=0.0", "must be in (0, 1]"]),
+    ("data:\n  rl_fraction: 1.0\n", ["data.rl_fraction=1.0", "must be in [0, 1)"]),
+    ("data:\n  rl_fraction: -0.1\n", ["data.rl_fraction=-0.1", "must be in [0, 1)"]),
+    ("data:\n  test_fraction: 0\n", ["data.test_fraction=0.0", "must be in (0, 1)"]),
+    ("data:\n  max_images: -3\n", ["data.max_images=-3", "must be a positive integer or null"]),
+    ("seed: -1\n", ["seed=-1", "must be an integer in [0, 2**32)"]),
+    ("seed: 4294967296\n", ["seed=4294967296", "must be an integer in [0, 2**32)"]),
+    # invalid Literal
+    ("data:\n  source: mnist\n", ["data.source='mnist'", "must be one of 'digits', 'cifar10', 'stl10', 'imagefolder'"]),
+    ("device: tpu\n", ["device='tpu'", "must be one of 'auto', 'cpu', 'cuda', 'mps'"]),
+    # cross-field rules
+    (
+        "data:\n  label_fraction: 0.6\n  rl_fraction: 0.5\n",
+        ["data.rl_fraction=0.5", "data.label_fraction + data.rl_fraction = 0.6 + 0.5 must be <= 1", "0.6 + 0.5"],
+    ),
+    (f"data:\n  source: cifar10\n  url: {MIRROR}\n", ["data.sha256=None", f"is required with data.url={MIRROR!r}"]),
+    (
+        f"data:\n  source: cifar10\n  url: {MIRROR}\n  sha256: abc123\n",
+        ["data.sha256='abc123'", "must be 64 hexadecimal characters"],
+    ),
+    (f"data:\n  source: stl10\n  sha256: {SHA}\n", [f"data.sha256={SHA!r}", "only set together with data.url"]),
+    ("data:\n  source: stl10\n  path: data/raw/stl\n", ["data.path='data/raw/stl'", "must be null for source 'stl10'"]),
+    (
+        f"data:\n  source: digits\n  url: {MIRROR}\n  sha256: {SHA}\n",
+        [f"data.url={MIRROR!r}", "must be null for source 'digits'"],
+    ),
+    (
+        "data:\n  source: imagefolder\n",
+        ["data.path=None", "needs exactly one of data.path (a local folder) or data.url (an archive)"],
+    ),
+    (
+        f"data:\n  source: imagefolder\n  path: data/raw/imgs\n  url: {MIRROR}\n  sha256: {SHA}\n",
+        ["data.path='data/raw/imgs'", "needs exactly one of data.path"],
+    ),
+    (
+        "data:\n  source: cifar10\n  image_size: 64\n",
+        ["data.image_size=64", "only the imagefolder source resizes images", "source 'cifar10'"],
+    ),
+    (
+        "data:\n  source: imagefolder\n  path: data/raw/imgs\n  image_size: 0\n",
+        ["data.image_size=0", "must be a positive integer or null"],
+    ),
+    # tracking names
+    ('tracking:\n  experiment: ""\n', ["tracking.experiment=''", "must be a non-empty name"]),
+    ("tracking:\n  experiment: my run\n", ["tracking.experiment='my run'", "letters, digits, '.', '_' or '-'"]),
+]
+
+
+@pytest.mark.parametrize(("yaml_text", "expected"), BAD_INPUTS, ids=[f"bad{i:02d}" for i in range(len(BAD_INPUTS))])
+def test_bad_input_raises_config_error_naming_key(tmp_path: Path, yaml_text: str, expected: list[str]) -> None:
+    """Each bad file raises ConfigError starting with key=value and saying what is accepted."""
+    with pytest.raises(ConfigError) as info:
+        load_params(_write(tmp_path, yaml_text))
+    message = str(info.value)
+    prefix, *rest = expected
+    assert message.startswith(prefix), message
+    for part in rest:
+        assert part in message, message
+
+
+def test_out_of_range_message_is_exact() -> None:
+    """The docstring's example message is produced verbatim."""
+    with pytest.raises(ConfigError) as info:
+        params_from_dict({"data": {"label_fraction": 1.5}})
+    assert str(info.value) == "data.label_fraction=1.5: must be in (0, 1]"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    """A params path that does not exist is a ConfigError naming the path."""
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="params file not found") as info:
+        load_params(path)
+    assert str(info.value).startswith(str(path))
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    """A YAML syntax error is a ConfigError naming the path, not a yaml exception."""
+    path = _write(tmp_path, "data: [1, 2\nseed: 0\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as info:
+        load_params(path)
+    assert str(info.value).startswith(str(path))
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_empty_file_gives_defaults(tmp_path: Path, text: str) -> None:
+    """An empty document means all defaults."""
+    assert load_params(_write(tmp_path, text)) == Params()
+
+
+@pytest.mark.parametrize("text", ["data:\n", "data: null\ntracking:\n"])
+def test_empty_section_gives_defaults(tmp_path: Path, text: str) -> None:
+    """A section left empty takes every default of that section."""
+    assert load_params(_write(tmp_path, text)) == Params()
+
+
+def test_int_widens_to_float(tmp_path: Path) -> None:
+    """An int written for a float key becomes a float; nothing else is coerced."""
+    params = load_params(_write(tmp_path, "data:\n  label_fraction: 1\n  rl_fraction: 0\n"))
+    assert params.data.label_fraction == 1.0
+    assert type(params.data.label_fraction) is float
+    assert type(params.data.rl_fraction) is float
+
+
+def test_dotted_float_form_is_accepted(tmp_path: Path) -> None:
+    """The form the error message recommends, 1.0e-4, parses as a float."""
+    params = load_params(_write(tmp_path, "data:\n  label_fraction: 1.0e-4\n"))
+    assert params.data.label_fraction == pytest.approx(1e-4)
+
+
+def test_null_for_optional_keys(tmp_path: Path) -> None:
+    """null is accepted for optional keys and stays None."""
+    text = "data:\n  url: null\n  sha256: null\n  path: null\n  image_size: null\n  max_images: null\n"
+    data = load_params(_write(tmp_path, text)).data
+    assert (data.url, data.sha256, data.path, data.image_size, data.max_images) == (None,) * 5
+
+
+def test_imagefolder_with_path_and_image_size(tmp_path: Path) -> None:
+    """A local image folder with a resize size is valid and needs no download."""
+    text = "data:\n  source: imagefolder\n  path: data/raw/imgs\n  image_size: 32\n  max_images: 10\n"
+    data = load_params(_write(tmp_path, text)).data
+    assert (data.path, data.image_size, data.max_images) == ("data/raw/imgs", 32, 10)
+    assert data.archive is None
+
+
+@pytest.mark.parametrize("source", sorted(OFFICIAL_ARCHIVES))
+def test_official_archive_without_url(tmp_path: Path, source: str) -> None:
+    """With no url, an official source downloads its built-in (url, sha256)."""
+    data = load_params(_write(tmp_path, f"data:\n  source: {source}\n")).data
+    assert data.archive == OFFICIAL_ARCHIVES[source]
+
+
+def test_mirror_archive_lowercases_sha(tmp_path: Path) -> None:
+    """A mirror url with its own sha256 replaces the official archive; the digest is lowercased."""
+    upper = "AB" * 32
+    data = load_params(_write(tmp_path, f"data:\n  source: cifar10\n  url: {MIRROR}\n  sha256: {upper}\n")).data
+    assert data.sha256 == upper
+    assert data.archive == (MIRROR, upper.lower())
+
+
+def test_flatten_dataclass_gives_dotted_keys() -> None:
+    """flatten turns nested sections into dotted keys, leaving leaves as they are."""
+    flat = flatten(Params())
+    data_keys = {f"data.{f.name}" for f in dataclasses.fields(DataParams)}
+    tracking_keys = {f"tracking.{f.name}" for f in dataclasses.fields(TrackingParams)}
+    assert set(flat) == {"seed", "device"} | data_keys | tracking_keys
+    assert flat["data.source"] == "digits"
+    assert flat["tracking.experiment"] == "ssl-pipeline"
+    assert flatten(DataParams(), prefix="data.")["data.label_fraction"] == 0.1
+
+
+def test_params_hash_stable_and_sensitive() -> None:
+    """Equal dicts hash equally whatever the key order; a changed value changes the hash."""
+    flat = flatten(Params())
+    reordered = dict(reversed(list(flat.items())))
+    assert list(reordered) != list(flat)
+    assert params_hash(reordered) == params_hash(flat)
+    assert params_hash(flatten(load_params(REPO_PARAMS))) == params_hash(flat)
+    changed = {**flat, "seed": 1}
+    assert params_hash(changed) != params_hash(flat)
+    assert len(params_hash(flat)) == 64
+
+
+def test_params_are_frozen() -> None:
+    """Params and its sections cannot be changed after validation."""
+    params = Params()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.seed = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.data.label_fraction = 0.5  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.tracking.experiment = "x"  # type: ignore[misc]
+
+
+# Inputs that once slipped through: overflow, trailing newlines, non-mapping documents, stray digests.
+EDGE_CASES: list[tuple[str, list[str]]] = [
+    ("data:\n  label_fraction: 1" + "0" * 400 + "\n", ["data.label_fraction=", "must be a finite number"]),
+    ("data:\n  label_fraction: .nan\n", ["data.label_fraction=nan", "must be a finite number"]),
+    (f"data:\n  source: cifar10\n  url: {MIRROR}\n  sha256: |\n    {SHA}\n", ["data.sha256=", "64 hexadecimal"]),
+    ("tracking:\n  experiment: |\n    ssl\n", ["tracking.experiment='ssl\\n'", "non-empty name"]),
+    ("[]\n", ["params=[]", "must be a mapping"]),
+    ("false\n", ["params=False", "must be a mapping"]),
+    (
+        f"data:\n  source: imagefolder\n  path: /data\n  sha256: {SHA}\n",
+        ["data.sha256=", "only set together with data.url"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("yaml_text", "expected"), EDGE_CASES, ids=[f"edge{i}" for i in range(len(EDGE_CASES))])
+def test_edge_cases_raise_config_error(tmp_path: Path, yaml_text: str, expected: list[str]) -> None:
+    """Each edge case is refused with a message naming the key and the rule."""
+    with pytest.raises(ConfigError) as caught:
+        load_params(_write(tmp_path, yaml_text))
+    for text in expected:
+        assert text in str(caught.value)
