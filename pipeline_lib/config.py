@@ -19,7 +19,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
@@ -154,6 +154,160 @@ class DataParams:
 
 
 @dataclass(frozen=True)
+class ModelParams:
+    """The encoder architecture, shared by pretraining and finetuning.
+
+    `name: vit` builds a timm `VisionTransformer` from `patch_size`, `embed_dim`, `depth` and `num_heads`;
+    any other name is a timm model (`resnet18`, `efficientnet_b0`, `vit_small_patch16_224`, ...) built without
+    pretrained weights. `img_size` (null: the prepared images' size) is the input size; for timm ViTs
+    `patch_size` overrides the model's own (null keeps it); CNNs ignore it.
+    """
+
+    name: str = "vit"
+    img_size: int | None = None
+    patch_size: int | None = 2
+    embed_dim: int = 64
+    depth: int = 4
+    num_heads: int = 4
+    drop_path_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name.strip()), "model.name", self.name, "must be 'vit' or a timm model name")
+        for name in ("embed_dim", "depth", "num_heads"):
+            value = getattr(self, name)
+            _check(value >= 1, f"model.{name}", value, "must be a positive integer")
+        if self.patch_size is not None:
+            _check(self.patch_size >= 1, "model.patch_size", self.patch_size, "must be a positive integer or null")
+        _check(
+            self.name != "vit" or self.patch_size is not None,
+            "model.patch_size",
+            self.patch_size,
+            "is required for model.name='vit'",
+        )
+        if self.img_size is not None:
+            _check(self.img_size >= 1, "model.img_size", self.img_size, "must be a positive integer or null")
+            _check(
+                self.patch_size is None or self.img_size % self.patch_size == 0,
+                "model.img_size",
+                self.img_size,
+                f"must be a multiple of model.patch_size={self.patch_size}",
+            )
+        _check(
+            self.embed_dim % self.num_heads == 0,
+            "model.num_heads",
+            self.num_heads,
+            f"must divide model.embed_dim={self.embed_dim}",
+        )
+        _check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", self.drop_path_rate, "must be in [0, 1)")
+
+
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Optimisation and runtime keys every training stage shares; the base trainer reads only these.
+
+    `batch_size` is the global batch per optimizer step (all processes, all accumulation micro-steps), so
+    results do not depend on how many processes run; lr = base_lr x batch_size / 256.
+    """
+
+    section: ClassVar[str] = "train"
+
+    epochs: int = 10
+    batch_size: int = 128
+    accumulation_steps: int = 1
+    base_lr: float = 1.0e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    adam_beta2: float = 0.95
+    warmup_epochs: float = 1.0
+    clip_grad: float | None = None
+    precision: Precision = "auto"
+    compile: bool = False
+    checkpoint_every: int = 100
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        key = f"{self.section}."
+        for name in ("epochs", "batch_size", "accumulation_steps", "checkpoint_every", "log_every"):
+            _check(getattr(self, name) >= 1, key + name, getattr(self, name), "must be a positive integer")
+        _check(
+            self.batch_size % self.accumulation_steps == 0,
+            key + "batch_size",
+            self.batch_size,
+            f"must be a multiple of {key}accumulation_steps={self.accumulation_steps}",
+        )
+        _check(self.base_lr > 0, key + "base_lr", self.base_lr, "must be > 0")
+        _check(0 <= self.min_lr <= self.base_lr, key + "min_lr", self.min_lr, f"must be in [0, {key}base_lr]")
+        _check(self.weight_decay >= 0, key + "weight_decay", self.weight_decay, "must be >= 0")
+        _check(0 < self.adam_beta2 < 1, key + "adam_beta2", self.adam_beta2, "must be in (0, 1)")
+        _check(
+            0 <= self.warmup_epochs <= self.epochs,
+            key + "warmup_epochs",
+            self.warmup_epochs,
+            f"must be in [0, {key}epochs={self.epochs}]",
+        )
+        if self.clip_grad is not None:
+            _check(self.clip_grad > 0, key + "clip_grad", self.clip_grad, "must be > 0 or null (no clipping)")
+
+
+PretrainMethod = Literal["mae", "simclr", "mocov3"]
+ContrastiveLoss = Literal["nt_xent", "margin"]
+
+
+@dataclass(frozen=True)
+class PretrainParams(TrainParams):
+    """Self-supervised pretraining: MAE on a ViT, or SimCLR / MoCo v3 on any timm backbone."""
+
+    section: ClassVar[str] = "pretrain"
+
+    method: PretrainMethod = "mae"
+    epochs: int = 40
+    base_lr: float = 1.5e-4
+    warmup_epochs: float = 4.0
+    # MAE
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = False
+    decoder_embed_dim: int = 64
+    decoder_depth: int = 2
+    decoder_num_heads: int = 4
+    # contrastive
+    loss: ContrastiveLoss = "nt_xent"
+    temperature: float = 0.2
+    margin: float = 1.0
+    projection_dim: int = 128
+    hidden_dim: int = 512
+    momentum: float = 0.99
+    crop_scale_min: float = 0.2
+    # monitoring
+    knn_k: int = 20
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(0.0 < self.mask_ratio < 1.0, "pretrain.mask_ratio", self.mask_ratio, "must be in (0, 1)")
+        sizes = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "projection_dim", "hidden_dim", "knn_k")
+        for name in sizes:
+            _check(getattr(self, name) >= 1, f"pretrain.{name}", getattr(self, name), "must be a positive integer")
+        _check(
+            self.decoder_embed_dim % self.decoder_num_heads == 0,
+            "pretrain.decoder_num_heads",
+            self.decoder_num_heads,
+            f"must divide pretrain.decoder_embed_dim={self.decoder_embed_dim}",
+        )
+        _check(self.temperature > 0, "pretrain.temperature", self.temperature, "must be > 0")
+        _check(self.margin > 0, "pretrain.margin", self.margin, "must be > 0")
+        _check(0.0 <= self.momentum < 1.0, "pretrain.momentum", self.momentum, "must be in [0, 1)")
+        _check(0.0 < self.crop_scale_min <= 1.0, "pretrain.crop_scale_min", self.crop_scale_min, "must be in (0, 1]")
+        _check(
+            self.method != "mocov3" or self.loss == "nt_xent",
+            "pretrain.loss",
+            self.loss,
+            "mocov3 has its own symmetric InfoNCE loss; pretrain.loss applies to simclr only (leave it nt_xent)",
+        )
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole `params.yaml`."""
 
@@ -161,6 +315,8 @@ class Params:
     device: Device = "auto"
     tracking: TrackingParams = dataclasses.field(default_factory=TrackingParams)
     data: DataParams = dataclasses.field(default_factory=DataParams)
+    model: ModelParams = dataclasses.field(default_factory=ModelParams)
+    pretrain: PretrainParams = dataclasses.field(default_factory=PretrainParams)
 
     def __post_init__(self) -> None:
         _check(0 <= self.seed < 2**32, "seed", self.seed, "must be an integer in [0, 2**32)")

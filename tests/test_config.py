@@ -114,6 +114,18 @@ BAD_INPUTS: list[tuple[str, list[str]]] = [
     # tracking names
     ('tracking:\n  experiment: ""\n', ["tracking.experiment=''", "must be a non-empty name"]),
     ("tracking:\n  experiment: my run\n", ["tracking.experiment='my run'", "letters, digits, '.', '_' or '-'"]),
+    # model and pretrain
+    ("model:\n  patch_size: null\n", ["model.patch_size=None", "is required for model.name='vit'"]),
+    ("model:\n  embed_dim: 30\n", ["model.num_heads=4", "must divide model.embed_dim=30"]),
+    ("model:\n  img_size: 9\n", ["model.img_size=9", "multiple of model.patch_size=2"]),
+    ("pretrain:\n  method: byol\n", ["pretrain.method='byol'", "'mae', 'simclr', 'mocov3'"]),
+    ("pretrain:\n  batch_size: 100\n  accumulation_steps: 3\n",
+     ["pretrain.batch_size=100", "multiple of pretrain.accumulation_steps=3"]),
+    ("pretrain:\n  epochs: 2\n", ["pretrain.warmup_epochs=4.0", "must be in [0, pretrain.epochs=2]"]),
+    ("pretrain:\n  mask_ratio: 1.0\n", ["pretrain.mask_ratio=1.0", "must be in (0, 1)"]),
+    ("pretrain:\n  method: mocov3\n  loss: margin\n", ["pretrain.loss='margin'", "simclr only"]),
+    ("pretrain:\n  clip_grad: 0\n", ["pretrain.clip_grad=0.0", "must be > 0 or null"]),
+    ("pretrain:\n  precision: fp16\n", ["pretrain.precision='fp16'", "'auto', 'fp32', 'bf16'"]),
 ]
 
 
@@ -211,9 +223,10 @@ def test_mirror_archive_lowercases_sha(tmp_path: Path) -> None:
 def test_flatten_dataclass_gives_dotted_keys() -> None:
     """flatten turns nested sections into dotted keys, leaving leaves as they are."""
     flat = flatten(Params())
-    data_keys = {f"data.{f.name}" for f in dataclasses.fields(DataParams)}
-    tracking_keys = {f"tracking.{f.name}" for f in dataclasses.fields(TrackingParams)}
-    assert set(flat) == {"seed", "device"} | data_keys | tracking_keys
+    sections = {f.name: f.type for f in dataclasses.fields(Params) if f.name not in ("seed", "device")}
+    nested = {f"{name}.{f.name}" for name in sections for f in dataclasses.fields(getattr(Params(), name))}
+    assert set(flat) == {"seed", "device"} | nested
+    assert "pretrain.section" not in flat  # class-level constants are not params
     assert flat["data.source"] == "digits"
     assert flat["tracking.experiment"] == "ssl-pipeline"
     assert flatten(DataParams(), prefix="data.")["data.label_fraction"] == 0.1

@@ -1,0 +1,1 @@
+"""Evaluation: representation probes (kNN, linear), classification metrics, calibration, plots."""

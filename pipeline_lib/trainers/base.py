@@ -1,0 +1,337 @@
+"""The base trainer: device, precision, DDP, accumulation, clipping, schedule, checkpoint/resume, logging.
+
+A method's trainer supplies `compute_loss(batch) -> dict` (and optionally `after_step`); everything else
+lives here once. Three rules make runs reproducible and resumable bit for bit on the CPU:
+
+- Data order: the epoch's permutation comes from `DistributedSampler` seeded by (seed, epoch). Rank r holds
+  rows r, r + W, r + 2W, ... of each global micro-batch, so W processes see exactly the global batch one
+  process would.
+- Randomness inside a step (mask noise, augmentations) is drawn from a generator seeded by (seed, step)
+  for the step's whole global batch; each process keeps the rows of its micro-batch (`Batch.rows`). So
+  neither the process count nor gradient accumulation changes what the model sees.
+- A checkpoint holds the unwrapped model, optimizer, scheduler, scaler, step, RNG states and the logged
+  history, written atomically; a run whose fingerprint (params + data) matches resumes from it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from timm.optim import param_groups_weight_decay
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from pipeline_lib import dist
+from pipeline_lib.config import TrainParams
+from pipeline_lib.models.preprocess import Preprocess
+from pipeline_lib.tracking import Tracker
+
+CHECKPOINT_NAME = "last.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class Batch:
+    """This process's share of one micro-batch of an optimizer step.
+
+    Attributes:
+        images: (b, C, H, W) float in [0, 1] on the training device, resized to the model's input size.
+        rows: which rows of the step's global batch these are: draw per-sample randomness for `global_size`
+            rows with `generator`, then keep `[rows]`.
+        global_size: images in the step's global batch (`batch_size`).
+        generator: CPU generator seeded by (seed, step), identical on every process and micro-step.
+        step: the optimizer step this micro-batch belongs to.
+    """
+
+    images: Tensor
+    rows: slice
+    global_size: int
+    generator: torch.Generator
+    step: int
+
+
+
+
+@dataclass
+class FitResult:
+    """What a finished `fit` reports."""
+
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    images_per_second: float = 0.0
+    resumed_from: int = 0
+
+
+def step_seed(seed: int, step: int) -> int:
+    """A 63-bit seed for one optimizer step, the same on every process and after a resume."""
+    return ((seed * 1_000_003) + step) % (2**63 - 1)
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then half-cosine down to `min_ratio` (per optimizer step)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class Trainer:
+    """Runs the optimisation loop for a model whose loss a subclass defines."""
+
+    stage = "train"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainParams,
+        images: np.ndarray,
+        preprocess: Preprocess,
+        *,
+        device: torch.device,
+        seed: int,
+        checkpoint_dir: Path,
+        tracker: Tracker,
+        fingerprint: str,
+    ) -> None:
+        self.cfg, self.images, self.device, self.seed = cfg, images, device, seed
+        self.tracker, self.fingerprint = tracker, fingerprint
+        self.checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME
+        self.world, self.rank = dist.world_size(), dist.rank()
+        micro_global = cfg.batch_size // cfg.accumulation_steps
+        if micro_global % self.world:
+            raise ValueError(
+                f"{cfg.section}.batch_size={cfg.batch_size} / accumulation_steps={cfg.accumulation_steps} "
+                f"= {micro_global} images per micro-step must divide evenly over {self.world} processes"
+            )
+        self.micro_global, self.micro_local = micro_global, micro_global // self.world
+        self.steps_per_epoch = len(images) // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{cfg.section}.batch_size={cfg.batch_size} is larger than the {len(images)} training images"
+            )
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
+
+        self.model = model.to(device)  # unwrapped: what checkpoints and exports hold
+        self.lr = cfg.base_lr * cfg.batch_size / 256
+        self.optimizer = torch.optim.AdamW(self.param_groups(), lr=self.lr, betas=(0.9, cfg.adam_beta2))
+        min_ratio = cfg.min_lr / cfg.base_lr
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(s, warmup_steps=self.warmup_steps, total_steps=self.total_steps, min_ratio=min_ratio),
+        )
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling
+        self.forward_model = self._wrap(self.model)
+        self.preprocess = preprocess.to(device)
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------------------------ for subclasses
+
+    def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
+        """Return a dict with a scalar "loss" (and any other scalars to log) for this process's batch."""
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Called after each optimizer step (e.g. a momentum-encoder update)."""
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: weight decay on weights, none on biases, norms and the model's `no_weight_decay`."""
+        skip = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
+        return param_groups_weight_decay(self.model, self.cfg.weight_decay, no_weight_decay_list=skip)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """[0, 1] images -> standardised with the dataset's per-channel mean and std."""
+        return self.preprocess.normalize(images)
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def fit(self) -> FitResult:
+        """Train from the last checkpoint (or from scratch) to `epochs`; checkpoint on the way and at the end."""
+        start = self.load_checkpoint()
+        bar = tqdm(total=self.total_steps, initial=start, desc=self.stage, unit="step", dynamic_ncols=True,
+                   mininterval=1.0, disable=not dist.is_main())
+        window: dict[str, Tensor] = {}
+        window_start, window_steps = time.perf_counter(), 0
+        throughput = []
+        for step in range(start, self.total_steps):
+            metrics = self.train_step(step)
+            for name, value in metrics.items():
+                window[name] = window.get(name, 0.0) + value
+            window_steps += 1
+            if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.total_steps:
+                elapsed = time.perf_counter() - window_start
+                logged = {name: dist.all_reduce_mean(value / window_steps).item() for name, value in window.items()}
+                logged.update(lr=self.scheduler.get_last_lr()[0], images_per_second=window_steps
+                              * self.cfg.batch_size / elapsed, step_time=elapsed / window_steps)
+                throughput.append(logged["images_per_second"])
+                self.log(step + 1, logged)
+                bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['images_per_second']:.0f}")
+                window, window_start, window_steps = {}, time.perf_counter(), 0
+            bar.update(1)
+            if (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == self.total_steps:
+                self.save_checkpoint(step + 1)
+        bar.close()
+        self.tracker.flush()
+        speed = float(np.median(throughput)) if throughput else 0.0
+        return FitResult(steps=self.total_steps, history=self.history, images_per_second=speed, resumed_from=start)
+
+    def train_step(self, step: int) -> dict[str, Tensor]:
+        """One optimizer step over `accumulation_steps` micro-batches; returns detached metrics."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, Tensor] = {}
+        accumulation = self.cfg.accumulation_steps
+        for micro, batch in enumerate(self.micro_batches(step)):
+            sync = micro == accumulation - 1 or not isinstance(self.forward_model, DistributedDataParallel)
+            with (nullcontext() if sync else self.forward_model.no_sync()), self.autocast():
+                out = self.compute_loss(batch)
+            self.check_finite(out["loss"], step)
+            (out["loss"] / accumulation).backward()
+            for name, value in out.items():
+                totals[name] = totals.get(name, 0.0) + value.detach().float() / accumulation
+        max_norm = self.cfg.clip_grad if self.cfg.clip_grad is not None else math.inf
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm).detach().float()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.after_step(step)
+        return totals
+
+    def micro_batches(self, step: int) -> Iterator[Batch]:
+        """This process's rows of each micro-batch of global step `step`, on the device."""
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        order = self.epoch_order(epoch)
+        for micro in range(self.cfg.accumulation_steps):
+            start = (in_epoch * self.cfg.accumulation_steps + micro) * self.micro_local
+            index = order[start : start + self.micro_local]
+            rows = slice(micro * self.micro_global + self.rank, (micro + 1) * self.micro_global, self.world)
+            generator = torch.Generator().manual_seed(step_seed(self.seed, step))
+            yield Batch(self.load_images(index), rows, self.cfg.batch_size, generator, step)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """This process's sample order for `epoch` (cached): the sampler's shard of a seeded permutation."""
+        if getattr(self, "_order_epoch", None) != epoch:
+            sampler = DistributedSampler(range(len(self.images)), num_replicas=self.world, rank=self.rank,
+                                         shuffle=True, seed=self.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+            self._order, self._order_epoch = np.fromiter(iter(sampler), dtype=np.int64), epoch
+        return self._order
+
+    def load_images(self, index: np.ndarray) -> Tensor:
+        """uint8 rows -> (b, C, H, W) float in [0, 1] on the device, resized to the model's input size."""
+        pixels = torch.from_numpy(np.ascontiguousarray(self.images[index]))
+        return self.preprocess.to_unit(pixels.to(self.device, non_blocking=True))
+
+    # --------------------------------------------------------------------------------- runtime plumbing
+
+    def autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """DDP across processes, then `torch.compile` on CUDA when asked; checkpoints keep `self.model`."""
+        wrapped: nn.Module = model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            wrapped = DistributedDataParallel(model, device_ids=ids)
+        if self.cfg.compile and self.device.type == "cuda":
+            wrapped = torch.compile(wrapped)
+        return wrapped
+
+    def check_finite(self, loss: Tensor, step: int) -> None:
+        """Stop every process together if any saw a non-finite loss, naming the step and the checkpoint."""
+        finite = dist.all_reduce_min(torch.isfinite(loss.detach()).float().reshape(1))
+        if finite.item() < 1:
+            saved = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)["step"] if (
+                self.checkpoint_path.is_file()) else None
+            where = f"{self.checkpoint_path} (step {saved}) is kept" if saved is not None else "no checkpoint yet"
+            raise NonFiniteLossError(
+                f"{self.stage}: loss is {loss.item()} at step {step + 1}; stopped before updating the weights. "
+                f"Last good checkpoint: {where}. Lower {self.cfg.section}.base_lr or set "
+                f"{self.cfg.section}.clip_grad."
+            )
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.history.append({"step": step, **metrics})
+        if dist.is_main():
+            self.tracker.log_metrics(metrics, step=step)
+
+    # ------------------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, step: int) -> None:
+        """Write the full training state atomically (rank 0), so a kill at any moment leaves a loadable file."""
+        if dist.is_main():
+            state = {
+                "step": step,
+                "fingerprint": self.fingerprint,
+                "run_id": self.tracker.run_id,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "history": self.history,
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "numpy": _numpy_state(),
+                    "python": list(random.getstate()[1]),
+                },
+            }
+            self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.checkpoint_path.with_suffix(f".tmp-{os.getpid()}")
+            torch.save(state, partial)
+            os.replace(partial, self.checkpoint_path)
+        dist.barrier()
+
+    def load_checkpoint(self) -> int:
+        """Restore a matching checkpoint and return its step (0 when starting fresh)."""
+        state = read_checkpoint(self.checkpoint_path, self.fingerprint, map_location=self.device)
+        if state is None:
+            return 0
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.history = list(state["history"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        np.random.set_state(("MT19937", np.array(state["rng"]["numpy"][0], dtype=np.uint32),
+                             *state["rng"]["numpy"][1:]))
+        random.setstate((3, tuple(state["rng"]["python"]), None))
+        if dist.is_main():
+            print(f"{self.stage}: resuming from {self.checkpoint_path} at step {state['step']}/{self.total_steps}")
+        return int(state["step"])
+
+
+def read_checkpoint(path: Path, fingerprint: str, map_location: Any = "cpu") -> dict[str, Any] | None:
+    """The checkpoint at `path` if it belongs to a run with this fingerprint, else None (start fresh)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if state.get("fingerprint") != fingerprint:
+        if dist.is_main():
+            print(f"{path}: made with other params or data; starting from scratch")
+        return None
+    return state
+
+
+def _numpy_state() -> list[Any]:
+    _, keys, position, has_gauss, cached = np.random.get_state()
+    return [keys.tolist(), int(position), int(has_gauss), float(cached)]
