@@ -1,0 +1,1 @@
+"""Trainers: the base loop and one trainer per method."""
