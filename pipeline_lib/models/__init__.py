@@ -1,0 +1,1 @@
+"""Models: encoder factory over timm, MAE, contrastive heads, preprocessing."""
