@@ -55,6 +55,7 @@ class Tracker:
     """The interface trainers and stages log through. This base class records nothing."""
 
     run_id: str | None = None
+    lineage: dict[str, str] = {}  # noqa: RUF012 - the run's lineage tags, copied onto model versions
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log flat dotted params."""
@@ -196,6 +197,22 @@ def _experiment_id(name: str, uri: str, root: Path) -> str:
         return mlflow.get_experiment_by_name(name).experiment_id
 
 
+def _unfinished_run(run_id: str | None, experiment_id: str) -> str | None:
+    """`run_id` if it is a run of this experiment in this store that did not finish, else None."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        return None
+    if run.info.experiment_id != experiment_id or run.info.status == "FINISHED":
+        return None
+    return run_id
+
+
 @contextmanager
 def stage_run(
     stage: str,
@@ -204,6 +221,7 @@ def stage_run(
     *,
     inputs: Mapping[str, str] | None = None,
     upstream: Mapping[str, str] | None = None,
+    resume_run_id: str | None = None,
 ) -> Iterator[MlflowTracker]:
     """Open the MLflow run of one stage execution; it ends FAILED if the body raises.
 
@@ -213,6 +231,8 @@ def stage_run(
         logged_params: the flat dotted params this stage uses, logged and hashed.
         inputs: name -> sha256 of each input (data, upstream model), logged as `input.<name>.sha256` tags.
         upstream: stage -> run id of the runs that produced this stage's inputs.
+        resume_run_id: the run of an interrupted execution this one continues (from a checkpoint); it is
+            reopened if it exists in this store and did not finish, so one run shows the whole curve.
     """
     import mlflow
 
@@ -221,8 +241,13 @@ def stage_run(
     mlflow.set_tracking_uri(uri)
     experiment_id = _experiment_id(params.tracking.experiment, uri, root)
     tags = lineage_tags(stage, root, logged_params, inputs or {}, upstream or {})
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
+    resumable = _unfinished_run(resume_run_id, experiment_id)
+    start = {"run_id": resumable} if resumable else {"experiment_id": experiment_id, "run_name": stage, "tags": tags}
+    with mlflow.start_run(**start) as run:
+        if resumable:
+            MlflowTracker(resumable).set_tags({"resumed": "true"})
         tracker = MlflowTracker(run.info.run_id)
+        tracker.lineage = {key: value for key, value in tags.items() if key != "mlflow.runName"}
         tracker.log_params(logged_params)
         try:
             yield tracker
@@ -234,8 +259,19 @@ def write_run_record(path: Path, tracker: Tracker, **extra: Any) -> None:
     """Write `run.json` (run id, tracking URI, extras) atomically, for downstream stages and cached reruns."""
     import mlflow
 
-    record = {"run_id": tracker.run_id, "tracking_uri": mlflow.get_tracking_uri(), **extra}
+    write_json_atomic(path, {"run_id": tracker.run_id, "tracking_uri": mlflow.get_tracking_uri(), **extra})
+
+
+def read_run_record(folder: Path) -> dict[str, Any]:
+    """The `run.json` an upstream stage left in its out ({} when absent)."""
+    path = Path(folder) / "run.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_json_atomic(path: Path, document: Mapping[str, Any]) -> None:
+    """Write JSON to a temporary file beside `path`, then rename it into place."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.tmp")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
+    partial.write_text(json.dumps(dict(document), indent=2) + "\n")
     partial.replace(path)

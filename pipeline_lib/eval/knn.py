@@ -33,7 +33,7 @@ def embed(encoder: nn.Module, images: np.ndarray, preprocess: nn.Module, *, devi
     encoder.eval()
     features = []
     for start in range(0, len(images), batch_size):
-        pixels = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
+        pixels = torch.from_numpy(np.array(images[start : start + batch_size])).to(device)  # a writable copy
         features.append(encoder(preprocess(pixels)).float().cpu())
     encoder.train(was_training)
     return torch.cat(features)

@@ -235,7 +235,7 @@ class Trainer:
 
     def load_images(self, index: np.ndarray) -> Tensor:
         """uint8 rows -> (b, C, H, W) float in [0, 1] on the device, resized to the model's input size."""
-        pixels = torch.from_numpy(np.ascontiguousarray(self.images[index]))
+        pixels = torch.from_numpy(self.images[index])  # fancy indexing copies the rows out of the memory map
         return self.preprocess.to_unit(pixels.to(self.device, non_blocking=True))
 
     # --------------------------------------------------------------------------------- runtime plumbing

@@ -9,6 +9,8 @@ import subprocess
 from pathlib import Path
 
 import mlflow
+import mlflow.pyfunc
+import numpy as np
 import pytest
 import yaml
 
@@ -37,6 +39,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"]["max_images"] = 200
+    params["model"].update(embed_dim=32, depth=1, num_heads=2)
+    params["pretrain"].update(epochs=2, batch_size=32, warmup_epochs=1.0, decoder_embed_dim=32, decoder_depth=1,
+                              decoder_num_heads=2, checkpoint_every=4, log_every=2, knn_k=5)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(repo, "git", "init", "-q")
     _run(repo, "git", "add", "-A")
@@ -55,6 +60,7 @@ def test_repro_then_noop_then_experiment(repo: Path) -> None:
     assert (repo / "mlflow.db").is_file() and (repo / "mlartifacts").is_dir()  # default store at DVC_ROOT
     first_run = json.loads((repo / "data/prepared/run.json").read_text())["run_id"]
     assert _labeled_count(repo) == 16  # 10% of the 160 training images left after the 20% test split
+    _check_pretrain_outputs(repo, fetch_run=first_run)
 
     second = _run(repo, "dvc", "repro")
     assert "didn't change" in second or "up to date" in second
@@ -69,8 +75,8 @@ def test_repro_then_noop_then_experiment(repo: Path) -> None:
 
     client = mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("ssl-pipeline").experiment_id],
-                              order_by=["attributes.start_time ASC"])
-    assert [run.info.run_name for run in runs] == ["fetch", "fetch"]
+                              filter_string="attributes.run_name = 'fetch'", order_by=["attributes.start_time ASC"])
+    assert len(runs) == 2
     assert "dvc.exp_name" not in runs[0].data.tags
     assert runs[1].data.tags["dvc.exp_name"]  # DVC names the experiment; the run carries the name
     assert runs[1].data.params["data.label_fraction"] == "0.2"
@@ -84,7 +90,32 @@ def test_switch_source_with_exp_run(repo: Path, tmp_path: Path) -> None:
         (tmp_path / "pets" / name).mkdir(parents=True)
         for i in range(5):
             Image.new("RGB", (6, 6), (value, i * 10, 0)).save(tmp_path / "pets" / name / f"{i}.png")
-    _run(repo, "dvc", "exp", "run", "-S", "data.source=imagefolder", "-S", f"data.path={tmp_path / 'pets'}")
+    _run(repo, "dvc", "exp", "run", "fetch", "-S", "data.source=imagefolder", "-S", f"data.path={tmp_path / 'pets'}")
     meta = json.loads((repo / "data/prepared/test/meta.json").read_text())
     assert meta["source"] == "imagefolder" and meta["class_names"] == ["bright", "dark"]
     assert meta["shape"][1:] == [6, 6, 3]
+
+
+def _check_pretrain_outputs(repo: Path, fetch_run: str) -> None:
+    """The pretrain stage's outs, its MLflow run with lineage, and a loadable registered encoder."""
+    for name in ("models/pretrain/encoder.safetensors", "models/pretrain/config.json",
+                 "plots/pretrain/loss.csv", "plots/pretrain/examples.png"):
+        assert (repo / name).is_file(), name
+    metrics = json.loads((repo / "metrics/pretrain.json").read_text())
+    assert metrics["steps"] == 2 * (160 // 32) and 0 <= metrics["knn_top1"] <= 1
+    record = json.loads((repo / "models/pretrain/run.json").read_text())
+    uri = f"sqlite:///{repo}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(record["run_id"])
+    assert run.info.run_name == "pretrain" and run.data.tags["upstream.fetch.run_id"] == fetch_run
+    assert run.data.params["pretrain.method"] == "mae" and run.data.params["model.embed_dim"] == "32"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6, 8, 10]
+    version = client.get_model_version_by_alias("ssl-pipeline-encoder", "challenger")
+    assert int(version.version) == record["model_version"] and version.run_id == run.info.run_id
+    assert version.tags["input.data.sha256"] == run.data.tags["input.data.sha256"]
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/ssl-pipeline-encoder@challenger")
+    images = np.load(repo / "data/prepared/test/images.npy")[:3]
+    features = model.predict(images)
+    assert features.shape == (3, 32) and np.isfinite(features).all()

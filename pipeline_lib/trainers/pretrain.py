@@ -1,0 +1,240 @@
+"""Self-supervised pretraining: MAE, SimCLR and MoCo v3 on the base trainer, and the pretrain stage's entry.
+
+Each method's trainer only says how a batch becomes a loss. Randomness (mask noise, augmentations) is drawn
+for the global micro-batch from the step's generator and each process keeps its rows, so one process and N
+processes train on identical inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pipeline_lib import dist
+from pipeline_lib.config import ModelParams, Params, PretrainParams, flatten, params_hash
+from pipeline_lib.data.augment import AugmentConfig, BatchAugment
+from pipeline_lib.data.store import prepared_digest, read_split
+from pipeline_lib.eval.knn import knn_accuracy
+from pipeline_lib.losses.contrastive import CONTRASTIVE_LOSSES, mocov3_loss
+from pipeline_lib.models.contrastive import MoCoV3, SimCLR
+from pipeline_lib.models.factory import build_encoder, is_vit, save_encoder
+from pipeline_lib.models.mae import MaskedAutoencoder
+from pipeline_lib.models.preprocess import Preprocess
+from pipeline_lib.tracking import Tracker
+from pipeline_lib.trainers.base import Batch, FitResult, Trainer
+
+
+class MAETrainer(Trainer):
+    """Masked autoencoding: reconstruct the masked patches from the visible ones."""
+
+    stage = "pretrain"
+
+    def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
+        noise = torch.rand(batch.global_size, self.model.num_patches, generator=batch.generator)  # (B_global, L)
+        loss, _, _ = self.forward_model(self.normalize(batch.images), noise=noise[batch.rows].to(self.device))
+        return {"loss": loss}
+
+
+class TwoViewTrainer(Trainer):
+    """Shared by the contrastive methods: two augmented views of each image, augmented on the device."""
+
+    stage = "pretrain"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        cfg: PretrainParams = self.cfg  # type: ignore[assignment]
+        self.augment = BatchAugment(AugmentConfig(crop_scale=(cfg.crop_scale_min, 1.0)), self.preprocess.img_size)
+
+    def views(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Two normalised views of this process's images, (b, C, S, S) each."""
+        out = []
+        for _ in range(2):
+            params = self.augment.sample(batch.global_size, batch.generator, torch.device("cpu"))
+            mine = {name: value[batch.rows].to(self.device) for name, value in params.items()}
+            out.append(self.normalize(self.augment.apply(batch.images, mine)))
+        return out[0], out[1]
+
+
+class SimCLRTrainer(TwoViewTrainer):
+    """SimCLR: a projection head and a two-view loss (NT-Xent with negatives from every process, or margin)."""
+
+    def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
+        cfg: PretrainParams = self.cfg  # type: ignore[assignment]
+        z1, z2 = self.forward_model(*self.views(batch))
+        options = {"temperature": cfg.temperature} if cfg.loss == "nt_xent" else {"margin": cfg.margin}
+        return {"loss": CONTRASTIVE_LOSSES[cfg.loss](z1, z2, **options)}
+
+
+class MoCoV3Trainer(TwoViewTrainer):
+    """MoCo v3: predictor on the online branch, momentum encoder for keys, symmetric InfoNCE."""
+
+    def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
+        cfg: PretrainParams = self.cfg  # type: ignore[assignment]
+        q1, q2, k1, k2 = self.forward_model(*self.views(batch))
+        return {"loss": mocov3_loss(q1, q2, k1, k2, temperature=cfg.temperature)}
+
+    def after_step(self, step: int) -> None:
+        """Momentum rises from `momentum` to 1 on a half-cosine over training, as in MoCo v3."""
+        base = self.cfg.momentum  # type: ignore[attr-defined]
+        momentum = 1.0 - (1.0 - base) * 0.5 * (1.0 + math.cos(math.pi * (step + 1) / self.total_steps))
+        self.model.update_momentum(momentum)
+
+
+TRAINERS: dict[str, type[Trainer]] = {"mae": MAETrainer, "simclr": SimCLRTrainer, "mocov3": MoCoV3Trainer}
+
+
+def build_pretrain_model(cfg: PretrainParams, model: ModelParams, *, in_chans: int, img_size: int) -> nn.Module:
+    """The method's model around a fresh encoder; its `.encoder` or `.backbone` is what gets exported."""
+    if cfg.method == "mae" and not is_vit(model.name):
+        raise ValueError(
+            f"pretrain.method='mae' needs a ViT encoder; model.name={model.name!r} is not a timm "
+            "VisionTransformer (use 'vit', a timm ViT name, or pretrain.method simclr/mocov3)"
+        )
+    encoder = build_encoder(model, in_chans=in_chans, img_size=img_size)
+    if cfg.method == "mae":
+        return MaskedAutoencoder(
+            encoder, decoder_embed_dim=cfg.decoder_embed_dim, decoder_depth=cfg.decoder_depth,
+            decoder_num_heads=cfg.decoder_num_heads, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss,
+        )
+    heads = {"projection_dim": cfg.projection_dim, "hidden_dim": cfg.hidden_dim}
+    return SimCLR(encoder, **heads) if cfg.method == "simclr" else MoCoV3(encoder, **heads)
+
+
+def exported_encoder(model: nn.Module) -> nn.Module:
+    return model.encoder if isinstance(model, MaskedAutoencoder) else model.backbone
+
+
+def logged_params(params: Params) -> dict[str, Any]:
+    """The flat params the pretrain stage declares in dvc.yaml, as MLflow logs them."""
+    return {
+        "seed": params.seed,
+        "device": params.device,
+        **flatten(params.model, prefix="model."),
+        **flatten(params.pretrain, prefix="pretrain."),
+    }
+
+
+def fingerprint(params: Params, data_dir: Path) -> str:
+    """Identifies a training run for resuming: its params and the exact prepared data."""
+    return params_hash({**logged_params(params), "data": prepared_digest(data_dir)})
+
+
+@dataclass
+class PretrainPaths:
+    """Where the pretrain stage reads and writes (all from dvc.yaml)."""
+
+    data: Path
+    out: Path
+    metrics: Path
+    plots: Path
+    checkpoints: Path
+
+
+def run_pretrain(params: Params, paths: PretrainPaths, tracker: Tracker, device: torch.device) -> dict[str, Any]:
+    """Train the encoder (resuming a matching checkpoint), then, on rank 0, evaluate and write every out."""
+    cfg = params.pretrain
+    unlabeled = read_split(paths.data, "unlabeled")
+    _, height, _, in_chans = unlabeled.images.shape
+    img_size = params.model.img_size or height
+    preprocess = Preprocess(unlabeled.meta["pixel_mean"], unlabeled.meta["pixel_std"], img_size)
+    torch.manual_seed(params.seed)  # identical initial weights on every process (DDP also broadcasts rank 0's)
+    model = build_pretrain_model(cfg, params.model, in_chans=in_chans, img_size=img_size)
+    trainer = TRAINERS[cfg.method](
+        model, cfg, unlabeled.images, preprocess, device=device, seed=params.seed,
+        checkpoint_dir=paths.checkpoints, tracker=tracker, fingerprint=fingerprint(params, paths.data),
+    )
+    if dist.is_main():
+        n_params = sum(p.numel() for p in exported_encoder(model).parameters())
+        print(f"pretrain: {cfg.method} on {len(unlabeled)} images {height}x{height}x{in_chans} -> {img_size}, "
+              f"encoder {params.model.name} ({n_params / 1e6:.2f}M params), {trainer.total_steps} steps of "
+              f"{cfg.batch_size} images, lr {trainer.lr:.2e}, {dist.world_size()} process(es) on {device}")
+    started = time.perf_counter()
+    result = trainer.fit()
+    if not dist.is_main():
+        return {}
+    summary = summarize(params, paths, trainer, result, time.perf_counter() - started)
+    write_outputs(params, paths, trainer, summary, tracker)
+    return summary
+
+
+def summarize(params: Params, paths: PretrainPaths, trainer: Trainer, result: FitResult,
+              wall_time: float) -> dict[str, Any]:
+    """Headline numbers of the run: final loss, throughput, and the kNN accuracy of the encoder."""
+    encoder = exported_encoder(trainer.model)
+    summary: dict[str, Any] = {
+        "loss": result.history[-1]["loss"] if result.history else float("nan"),
+        "images_per_second": result.images_per_second,
+        "steps": result.steps,
+        "resumed_from_step": result.resumed_from,
+        "train_seconds": round(wall_time, 2),
+    }
+    try:
+        labeled, test = read_split(paths.data, "labeled"), read_split(paths.data, "test")
+    except Exception:  # an unlabeled-only source has nothing to probe with
+        return summary
+    summary["knn_top1"] = knn_accuracy(
+        encoder, trainer.preprocess, (labeled.images, labeled.labels), (test.images, test.labels),
+        device=trainer.device, k=params.pretrain.knn_k,
+    )
+    return summary
+
+
+def write_outputs(params: Params, paths: PretrainPaths, trainer: Trainer, summary: dict[str, Any],
+                  tracker: Tracker) -> None:
+    """Encoder + config, metrics JSON, loss curve and example picture, each written aside and moved in; then
+    the encoder is registered in MLflow and `run.json` points at the run and the model version."""
+    from pipeline_lib.eval.plots import pretrain_examples, write_csv
+    from pipeline_lib.registry import register_model
+    from pipeline_lib.serving import EncoderModel
+    from pipeline_lib.tracking import write_json_atomic, write_run_record
+
+    with _staged_dir(paths.plots) as plots:
+        write_csv(plots / "loss.csv", trainer.history, ["step", "loss", "lr", "images_per_second"])
+        figure, title = pretrain_examples(trainer)
+        figure.savefig(plots / "examples.png", dpi=100)
+    with _staged_dir(paths.out) as out:
+        save_encoder(exported_encoder(trainer.model), trainer.preprocess, params.model, out,
+                     in_chans=trainer.images.shape[-1], method=params.pretrain.method,
+                     data_digest=prepared_digest(paths.data))
+    per_step = set(trainer.history[-1]) if trainer.history else set()  # already curves in MLflow
+    tracker.log_metrics({k: float(v) for k, v in summary.items() if k not in per_step}, step=trainer.total_steps)
+    tracker.log_figure(figure, f"{title}.png")
+    tracker.log_artifact(paths.plots / "loss.csv")
+    tracker.flush()
+    version = None
+    if tracker.run_id is not None:
+        version = register_model(
+            EncoderModel(), paths.out, name=params.tracking.encoder_model, artifact_name="encoder",
+            input_example=np.asarray(trainer.images[:2]), tags=tracker.lineage,
+        )
+    write_run_record(paths.out / "run.json", tracker, model_name=params.tracking.encoder_model, model_version=version)
+    write_json_atomic(paths.metrics, summary)
+
+
+class _staged_dir:
+    """Context manager: yields a temporary folder beside `target`, renamed onto `target` on success."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = Path(target)
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        self.staging.chmod(0o755)
+        return self.staging
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        if kind is None:
+            if self.target.exists():
+                shutil.rmtree(self.target)
+            self.staging.rename(self.target)
+        shutil.rmtree(self.staging, ignore_errors=True)
