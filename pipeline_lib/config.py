@@ -264,7 +264,7 @@ class PretrainParams(TrainParams):
 
     method: PretrainMethod = "mae"
     epochs: int = 40
-    base_lr: float = 1.5e-4
+    base_lr: float = 1.5e-3
     warmup_epochs: float = 4.0
     # MAE
     mask_ratio: float = 0.75
