@@ -59,7 +59,7 @@ def mae_reconstruction(model: Any, preprocess: Any, pixels: Tensor, *, seed: int
     model.train(was_training)
     return image_rows({
         "original": images,
-        "masked": images * (1 - hidden),
+        "masked": images * (1 - hidden) + 0.5 * hidden,  # grey where patches were removed
         "reconstruction": reconstruction,
         "reconstruction + visible": images * (1 - hidden) + reconstruction * hidden,
     })

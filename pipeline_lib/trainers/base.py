@@ -15,6 +15,7 @@ lives here once. Three rules make runs reproducible and resumable bit for bit on
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -168,7 +169,6 @@ class Trainer:
                    mininterval=1.0, disable=not dist.is_main())
         window: dict[str, Tensor] = {}
         window_start, window_steps = time.perf_counter(), 0
-        throughput = []
         for step in range(start, self.total_steps):
             metrics = self.train_step(step)
             for name, value in metrics.items():
@@ -179,7 +179,6 @@ class Trainer:
                 logged = {name: dist.all_reduce_mean(value / window_steps).item() for name, value in window.items()}
                 logged.update(lr=self.scheduler.get_last_lr()[0], images_per_second=window_steps
                               * self.cfg.batch_size / elapsed, step_time=elapsed / window_steps)
-                throughput.append(logged["images_per_second"])
                 self.log(step + 1, logged)
                 bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['images_per_second']:.0f}")
                 window, window_start, window_steps = {}, time.perf_counter(), 0
@@ -188,7 +187,8 @@ class Trainer:
                 self.save_checkpoint(step + 1)
         bar.close()
         self.tracker.flush()
-        speed = float(np.median(throughput)) if throughput else 0.0
+        throughput = [h["images_per_second"] for h in self.history if "images_per_second" in h]
+        speed = float(np.median(throughput)) if throughput else 0.0  # over the whole run, resumed or not
         return FitResult(steps=self.total_steps, history=self.history, images_per_second=speed, resumed_from=start)
 
     def train_step(self, step: int) -> dict[str, Tensor]:
@@ -317,6 +317,16 @@ class Trainer:
         if dist.is_main():
             print(f"{self.stage}: resuming from {self.checkpoint_path} at step {state['step']}/{self.total_steps}")
         return int(state["step"])
+
+
+def code_digest() -> str:
+    """sha256 of the library's source, so a checkpoint made by other code is never resumed."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parents[1]
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def read_checkpoint(path: Path, fingerprint: str, map_location: Any = "cpu") -> dict[str, Any] | None:

@@ -30,7 +30,7 @@ from pipeline_lib.models.factory import build_encoder, is_vit, save_encoder
 from pipeline_lib.models.mae import MaskedAutoencoder
 from pipeline_lib.models.preprocess import Preprocess
 from pipeline_lib.tracking import Tracker
-from pipeline_lib.trainers.base import Batch, FitResult, Trainer
+from pipeline_lib.trainers.base import Batch, FitResult, Trainer, code_digest
 
 
 class MAETrainer(Trainer):
@@ -124,8 +124,8 @@ def logged_params(params: Params) -> dict[str, Any]:
 
 
 def fingerprint(params: Params, data_dir: Path) -> str:
-    """Identifies a training run for resuming: its params and the exact prepared data."""
-    return params_hash({**logged_params(params), "data": prepared_digest(data_dir)})
+    """Identifies a training run for resuming: its params, the exact prepared data and the library code."""
+    return params_hash({**logged_params(params), "data": prepared_digest(data_dir), "code": code_digest()})
 
 
 @dataclass
