@@ -30,11 +30,11 @@ def resolve_device(preference: str) -> torch.device:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("device='cuda': CUDA is not available on this machine; use device: auto or cpu")
+            raise ValueError("device='cuda': CUDA is not available on this machine; use device: auto or cpu")
         return torch.device("cuda", local_rank)
     if preference == "mps" or (preference == "auto" and torch.backends.mps.is_available()):
         if not torch.backends.mps.is_available():
-            raise RuntimeError("device='mps': Apple MPS is not available on this machine; use device: auto or cpu")
+            raise ValueError("device='mps': Apple MPS is not available on this machine; use device: auto or cpu")
         return torch.device("mps")
     return torch.device("cpu")
 

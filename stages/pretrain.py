@@ -40,7 +40,7 @@ def main() -> None:
         )
         with tracking as tracker:
             summary = run_pretrain(params, paths, tracker, device)
-    except (ConfigError, DataError, NonFiniteLossError, ValueError, RuntimeError) as err:
+    except (ConfigError, DataError, NonFiniteLossError, ValueError) as err:
         sys.exit(f"pretrain: {err}")
     finally:
         dist.cleanup()

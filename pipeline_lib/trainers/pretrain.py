@@ -11,6 +11,8 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 from pipeline_lib import dist
 from pipeline_lib.config import ModelParams, Params, PretrainParams, flatten, params_hash
 from pipeline_lib.data.augment import AugmentConfig, BatchAugment
+from pipeline_lib.data.download import DataError
 from pipeline_lib.data.store import prepared_digest, read_split
 from pipeline_lib.eval.knn import knn_accuracy
 from pipeline_lib.losses.contrastive import CONTRASTIVE_LOSSES, mocov3_loss
@@ -143,7 +146,7 @@ def run_pretrain(params: Params, paths: PretrainPaths, tracker: Tracker, device:
     """Train the encoder (resuming a matching checkpoint), then, on rank 0, evaluate and write every out."""
     cfg = params.pretrain
     unlabeled = read_split(paths.data, "unlabeled")
-    _, height, _, in_chans = unlabeled.images.shape
+    _, height, width, in_chans = unlabeled.images.shape
     img_size = params.model.img_size or height
     preprocess = Preprocess(unlabeled.meta["pixel_mean"], unlabeled.meta["pixel_std"], img_size)
     torch.manual_seed(params.seed)  # identical initial weights on every process (DDP also broadcasts rank 0's)
@@ -154,7 +157,7 @@ def run_pretrain(params: Params, paths: PretrainPaths, tracker: Tracker, device:
     )
     if dist.is_main():
         n_params = sum(p.numel() for p in exported_encoder(model).parameters())
-        print(f"pretrain: {cfg.method} on {len(unlabeled)} images {height}x{height}x{in_chans} -> {img_size}, "
+        print(f"pretrain: {cfg.method} on {len(unlabeled)} images {height}x{width}x{in_chans} -> {img_size}, "
               f"encoder {params.model.name} ({n_params / 1e6:.2f}M params), {trainer.total_steps} steps of "
               f"{cfg.batch_size} images, lr {trainer.lr:.2e}, {dist.world_size()} process(es) on {device}")
     started = time.perf_counter()
@@ -179,7 +182,7 @@ def summarize(params: Params, paths: PretrainPaths, trainer: Trainer, result: Fi
     }
     try:
         labeled, test = read_split(paths.data, "labeled"), read_split(paths.data, "test")
-    except Exception:  # an unlabeled-only source has nothing to probe with
+    except DataError:  # an unlabeled-only source has nothing to probe with
         return summary
     summary["knn_top1"] = knn_accuracy(
         encoder, trainer.preprocess, (labeled.images, labeled.labels), (test.images, test.labels),
@@ -192,22 +195,25 @@ def write_outputs(params: Params, paths: PretrainPaths, trainer: Trainer, summar
                   tracker: Tracker) -> None:
     """Encoder + config, metrics JSON, loss curve and example picture, each written aside and moved in; then
     the encoder is registered in MLflow and `run.json` points at the run and the model version."""
+    import matplotlib.pyplot as plt
+
     from pipeline_lib.eval.plots import pretrain_examples, write_csv
     from pipeline_lib.registry import register_model
     from pipeline_lib.serving import EncoderModel
     from pipeline_lib.tracking import write_json_atomic, write_run_record
 
-    with _staged_dir(paths.plots) as plots:
+    with staged_dir(paths.plots) as plots:
         write_csv(plots / "loss.csv", trainer.history, ["step", "loss", "lr", "images_per_second"])
         figure, title = pretrain_examples(trainer)
         figure.savefig(plots / "examples.png", dpi=100)
-    with _staged_dir(paths.out) as out:
+    with staged_dir(paths.out) as out:
         save_encoder(exported_encoder(trainer.model), trainer.preprocess, params.model, out,
                      in_chans=trainer.images.shape[-1], method=params.pretrain.method,
                      data_digest=prepared_digest(paths.data))
     per_step = set(trainer.history[-1]) if trainer.history else set()  # already curves in MLflow
     tracker.log_metrics({k: float(v) for k, v in summary.items() if k not in per_step}, step=trainer.total_steps)
     tracker.log_figure(figure, f"{title}.png")
+    plt.close(figure)
     tracker.log_artifact(paths.plots / "loss.csv")
     tracker.flush()
     version = None
@@ -220,21 +226,17 @@ def write_outputs(params: Params, paths: PretrainPaths, trainer: Trainer, summar
     write_json_atomic(paths.metrics, summary)
 
 
-class _staged_dir:
-    """Context manager: yields a temporary folder beside `target`, renamed onto `target` on success."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = Path(target)
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
-        self.staging.chmod(0o755)
-        return self.staging
-
-    def __exit__(self, kind: Any, *_: Any) -> None:
-        if kind is None:
-            if self.target.exists():
-                shutil.rmtree(self.target)
-            self.staging.rename(self.target)
-        shutil.rmtree(self.staging, ignore_errors=True)
+@contextmanager
+def staged_dir(target: Path) -> Iterator[Path]:
+    """A temporary folder beside `target`, renamed onto it when the block succeeds (removed if it fails)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging.chmod(0o755)
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
