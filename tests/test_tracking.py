@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline_lib.config import flatten, load_params, params_hash
-from pipeline_lib.tracking import MlflowTracker, Tracker, artifact_location, project_root, tracking_uri
+from pipeline_lib.tracking import MlflowTracker, artifact_location, project_root, tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,11 +105,3 @@ def test_tracker_batches_metrics_by_step(tmp_path: Path) -> None:
         tracker.flush()
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(120))
-
-
-def test_null_tracker_records_nothing() -> None:
-    tracker = Tracker()
-    tracker.log_metrics({"loss": 1.0}, step=1)
-    tracker.log_params({"a": 1})
-    tracker.flush()
-    assert tracker.run_id is None

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline_lib.config import ModelParams
+from pipeline_lib.models.backbone import feature_dim
 from pipeline_lib.models.preprocess import Preprocess
 
 ENCODER_FILE = "encoder.safetensors"
@@ -51,10 +51,6 @@ def build_encoder(model: ModelParams, *, in_chans: int, img_size: int) -> nn.Mod
     return create_backbone(model.name, in_chans=in_chans, drop_path_rate=model.drop_path_rate)
 
 
-def feature_dim(encoder: nn.Module) -> int:
-    return int(encoder.num_features)
-
-
 def save_encoder(encoder: nn.Module, preprocess: Preprocess, model: ModelParams, folder: Path, *, in_chans: int,
                  **extra: Any) -> dict[str, Any]:
     """Write `encoder.safetensors` and `config.json` into `folder`; return the config."""
@@ -83,8 +79,3 @@ def load_encoder(folder: Path) -> tuple[nn.Module, Preprocess, dict[str, Any]]:
     preprocess = Preprocess(**config["preprocess"])
     return encoder.eval(), preprocess.eval(), config
 
-
-@torch.no_grad()
-def embed_pixels(encoder: nn.Module, preprocess: Preprocess, pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, C) -> (N, D) features."""
-    return encoder(preprocess(pixels))

@@ -201,10 +201,10 @@ class Trainer:
             sync = micro == accumulation - 1 or not isinstance(self.forward_model, DistributedDataParallel)
             with (nullcontext() if sync else self.forward_model.no_sync()), self.autocast():
                 out = self.compute_loss(batch)
-            self.check_finite(out["loss"], step)
             (out["loss"] / accumulation).backward()
             for name, value in out.items():
                 totals[name] = totals.get(name, 0.0) + value.detach().float() / accumulation
+        self.check_finite(totals["loss"], step)  # once per step: a NaN in any micro-batch makes the sum NaN
         max_norm = self.cfg.clip_grad if self.cfg.clip_grad is not None else math.inf
         params = [p for p in self.model.parameters() if p.grad is not None]
         totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm).detach().float()
@@ -300,7 +300,7 @@ class Trainer:
 
     def load_checkpoint(self) -> int:
         """Restore a matching checkpoint and return its step (0 when starting fresh)."""
-        state = read_checkpoint(self.checkpoint_path, self.fingerprint, map_location=self.device)
+        state = read_checkpoint(self.checkpoint_path, self.fingerprint)
         if state is None:
             return 0
         self.model.load_state_dict(state["model"])
@@ -329,12 +329,14 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
-def read_checkpoint(path: Path, fingerprint: str, map_location: Any = "cpu") -> dict[str, Any] | None:
+def read_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
     """The checkpoint at `path` if it belongs to a run with this fingerprint, else None (start fresh)."""
     path = Path(path)
     if not path.is_file():
         return None
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    # Memory-mapped: peeking at the fingerprint or run id does not read the tensors; load_state_dict copies
+    # them onto the parameters' device.
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if state.get("fingerprint") != fingerprint:
         if dist.is_main():
             print(f"{path}: made with other params or data; starting from scratch")
