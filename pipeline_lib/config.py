@@ -25,6 +25,7 @@ import yaml
 
 DataSource = Literal["digits", "cifar10", "stl10", "imagefolder"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
+GlobalPool = Literal["token", "avg"]
 
 # Official archives (URL, sha256). A user may point `data.url` at a mirror with its own sha256.
 OFFICIAL_ARCHIVES: dict[str, tuple[str, str]] = {
@@ -160,7 +161,9 @@ class ModelParams:
     `name: vit` builds a timm `VisionTransformer` from `patch_size`, `embed_dim`, `depth` and `num_heads`;
     any other name is a timm model (`resnet18`, `efficientnet_b0`, `vit_small_patch16_224`, ...) built without
     pretrained weights. `img_size` (null: the prepared images' size) is the input size; for timm ViTs
-    `patch_size` overrides the model's own (null keeps it); CNNs ignore it.
+    `patch_size` overrides the model's own (null keeps it) and `global_pool` says which features the encoder
+    gives (the class token, or the mean of the patch tokens as in MAE's finetuning); CNNs ignore both.
+    Stochastic depth is a training choice, set per stage (`pretrain.drop_path_rate`, `finetune.drop_path_rate`).
     """
 
     name: str = "vit"
@@ -169,7 +172,7 @@ class ModelParams:
     embed_dim: int = 64
     depth: int = 4
     num_heads: int = 4
-    drop_path_rate: float = 0.0
+    global_pool: GlobalPool = "avg"
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "model.name", self.name, "must be 'vit' or a timm model name")
@@ -198,7 +201,6 @@ class ModelParams:
             self.num_heads,
             f"must divide model.embed_dim={self.embed_dim}",
         )
-        _check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", self.drop_path_rate, "must be in [0, 1)")
 
 
 Precision = Literal["auto", "fp32", "bf16"]
@@ -223,6 +225,7 @@ class TrainParams:
     adam_beta2: float = 0.95
     warmup_epochs: float = 1.0
     clip_grad: float | None = None
+    drop_path_rate: float = 0.0
     precision: Precision = "auto"
     compile: bool = False
     checkpoint_every: int = 100
@@ -230,6 +233,7 @@ class TrainParams:
 
     def __post_init__(self) -> None:
         key = f"{self.section}."
+        _check(0.0 <= self.drop_path_rate < 1.0, key + "drop_path_rate", self.drop_path_rate, "must be in [0, 1)")
         for name in ("epochs", "batch_size", "accumulation_steps", "checkpoint_every", "log_every"):
             _check(getattr(self, name) >= 1, key + name, getattr(self, name), "must be a positive integer")
         _check(
@@ -307,6 +311,78 @@ class PretrainParams(TrainParams):
         )
 
 
+FinetuneMode = Literal["finetune", "linear_probe"]
+
+
+@dataclass(frozen=True)
+class FinetuneParams(TrainParams):
+    """Supervised training of encoder + classification head on the labeled split (MAE's finetuning recipe).
+
+    `mode: finetune` trains everything with layer-wise lr decay (the head at lr, each block below it at
+    `layer_decay` times the one above); `linear_probe` freezes the encoder (kept in eval mode) and trains the
+    head only. Regularisers: label smoothing, stochastic depth, random resized crops and flips of the images,
+    and timm's mixup/cutmix (off by default: on 8x8 digits they destroy the class evidence).
+    """
+
+    section: ClassVar[str] = "finetune"
+
+    mode: FinetuneMode = "finetune"
+    epochs: int = 100
+    batch_size: int = 32
+    base_lr: float = 3.0e-2
+    adam_beta2: float = 0.999
+    warmup_epochs: float = 5.0
+    drop_path_rate: float = 0.1
+    layer_decay: float = 0.75
+    label_smoothing: float = 0.1
+    crop_scale_min: float = 1.0
+    flip_p: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mixup_prob: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(0.0 < self.layer_decay <= 1.0, "finetune.layer_decay", self.layer_decay, "must be in (0, 1] (1: off)")
+        _check(0.0 <= self.label_smoothing < 1.0, "finetune.label_smoothing", self.label_smoothing, "must be in [0, 1)")
+        _check(0.0 < self.crop_scale_min <= 1.0, "finetune.crop_scale_min", self.crop_scale_min,
+               "must be in (0, 1] (1: no cropping)")
+        for name in ("flip_p", "mixup_prob"):
+            _check(0.0 <= getattr(self, name) <= 1.0, f"finetune.{name}", getattr(self, name), "must be in [0, 1]")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            _check(getattr(self, name) >= 0.0, f"finetune.{name}", getattr(self, name), "must be >= 0 (0: off)")
+        micro = self.batch_size // self.accumulation_steps
+        _check(
+            not self.mixes or micro % 2 == 0,
+            "finetune.batch_size",
+            self.batch_size,
+            f"mixup/cutmix pair each image with another in its micro-batch, so batch_size / accumulation_steps "
+            f"= {micro} must be even",
+        )
+
+    @property
+    def mixes(self) -> bool:
+        """Whether mixup or cutmix is on."""
+        return self.mixup_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """Test-split evaluation: calibration bins and the frozen-encoder probes (kNN, logistic regression)."""
+
+    calibration_bins: int = 15
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    probe_c: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("calibration_bins", "knn_k"):
+            _check(getattr(self, name) >= 1, f"evaluate.{name}", getattr(self, name), "must be a positive integer")
+        _check(self.knn_temperature > 0, "evaluate.knn_temperature", self.knn_temperature, "must be > 0")
+        _check(self.probe_c > 0, "evaluate.probe_c", self.probe_c,
+               "must be > 0 (inverse L2 strength of the logistic-regression probe)")
+
+
 @dataclass(frozen=True)
 class Params:
     """The whole `params.yaml`."""
@@ -317,6 +393,8 @@ class Params:
     data: DataParams = dataclasses.field(default_factory=DataParams)
     model: ModelParams = dataclasses.field(default_factory=ModelParams)
     pretrain: PretrainParams = dataclasses.field(default_factory=PretrainParams)
+    finetune: FinetuneParams = dataclasses.field(default_factory=FinetuneParams)
+    evaluate: EvaluateParams = dataclasses.field(default_factory=EvaluateParams)
 
     def __post_init__(self) -> None:
         _check(0 <= self.seed < 2**32, "seed", self.seed, "must be an integer in [0, 2**32)")

@@ -222,6 +222,7 @@ def stage_run(
     inputs: Mapping[str, str] | None = None,
     upstream: Mapping[str, str] | None = None,
     resume_run_id: str | None = None,
+    extra_tags: Mapping[str, str] | None = None,
 ) -> Iterator[MlflowTracker]:
     """Open the MLflow run of one stage execution; it ends FAILED if the body raises.
 
@@ -233,6 +234,8 @@ def stage_run(
         upstream: stage -> run id of the runs that produced this stage's inputs.
         resume_run_id: the run of an interrupted execution this one continues (from a checkpoint); it is
             reopened if it exists in this store and did not finish, so one run shows the whole curve.
+        extra_tags: further lineage tags (e.g. the registered encoder version a classifier starts from); like
+            the others they are copied onto any model version the run registers.
     """
     import mlflow
 
@@ -240,7 +243,7 @@ def stage_run(
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
     experiment_id = _experiment_id(params.tracking.experiment, uri, root)
-    tags = lineage_tags(stage, root, logged_params, inputs or {}, upstream or {})
+    tags = {**lineage_tags(stage, root, logged_params, inputs or {}, upstream or {}), **(extra_tags or {})}
     resumable = _unfinished_run(resume_run_id, experiment_id)
     start = {"run_id": resumable} if resumable else {"experiment_id": experiment_id, "run_name": stage, "tags": tags}
     with mlflow.start_run(**start) as run:

@@ -126,6 +126,23 @@ BAD_INPUTS: list[tuple[str, list[str]]] = [
     ("pretrain:\n  method: mocov3\n  loss: margin\n", ["pretrain.loss='margin'", "simclr only"]),
     ("pretrain:\n  clip_grad: 0\n", ["pretrain.clip_grad=0.0", "must be > 0 or null"]),
     ("pretrain:\n  precision: fp16\n", ["pretrain.precision='fp16'", "'auto', 'fp32', 'bf16'"]),
+    ("model:\n  drop_path_rate: 0.1\n", ["model.drop_path_rate: unknown key", "global_pool"]),
+    ("model:\n  global_pool: max\n", ["model.global_pool='max'", "must be one of 'token', 'avg'"]),
+    ("pretrain:\n  drop_path_rate: 1.0\n", ["pretrain.drop_path_rate=1.0", "must be in [0, 1)"]),
+    ("finetune:\n  mode: probe\n", ["finetune.mode='probe'", "'finetune', 'linear_probe'"]),
+    ("finetune:\n  layer_decay: 0\n", ["finetune.layer_decay=0.0", "must be in (0, 1]"]),
+    ("finetune:\n  label_smoothing: 1.0\n", ["finetune.label_smoothing=1.0", "must be in [0, 1)"]),
+    ("finetune:\n  crop_scale_min: 0\n", ["finetune.crop_scale_min=0.0", "(1: no cropping)"]),
+    ("finetune:\n  flip_p: 2\n", ["finetune.flip_p=2.0", "must be in [0, 1]"]),
+    ("finetune:\n  mixup_alpha: -0.2\n", ["finetune.mixup_alpha=-0.2", "must be >= 0"]),
+    ("finetune:\n  mixup_alpha: 0.8\n  batch_size: 30\n  accumulation_steps: 2\n",
+     ["finetune.batch_size=30", "= 15 must be even"]),
+    ("finetune:\n  epochs: 3\n", ["finetune.warmup_epochs=5.0", "must be in [0, finetune.epochs=3]"]),
+    ("finetune:\n  min_lr: 1.0\n", ["finetune.min_lr=1.0", "must be in [0, finetune.base_lr]"]),
+    ("evaluate:\n  knn_k: 0\n", ["evaluate.knn_k=0", "must be a positive integer"]),
+    ("evaluate:\n  calibration_bins: 0\n", ["evaluate.calibration_bins=0", "must be a positive integer"]),
+    ("evaluate:\n  probe_c: 0\n", ["evaluate.probe_c=0.0", "must be > 0"]),
+    ("evaluate:\n  knn_temperature: -1\n", ["evaluate.knn_temperature=-1.0", "must be > 0"]),
 ]
 
 

@@ -83,3 +83,51 @@ def pretrain_examples(trainer: Any, count: int = 8) -> tuple[Any, str]:
     if hasattr(trainer, "augment"):
         return contrastive_views(trainer.augment, trainer.preprocess, pixels), "views"
     return mae_reconstruction(trainer.model, trainer.preprocess, pixels), "reconstruction"
+
+
+def confusion_figure(matrices: dict[str, np.ndarray], class_names: list[str]) -> Any:
+    """One confusion-matrix panel per model: rows are true classes, columns predictions, counts annotated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(3.0, 0.4 * len(class_names) + 1.5)
+    figure, axes = plt.subplots(1, len(matrices), figsize=(size * len(matrices), size), squeeze=False)
+    ticks = np.arange(len(class_names))
+    for axis, (name, matrix) in zip(axes[0], matrices.items(), strict=True):
+        matrix = np.asarray(matrix)
+        axis.imshow(matrix, cmap="Blues")
+        for (row, col), count in np.ndenumerate(matrix):
+            if count:
+                colour = "white" if count > matrix.max() / 2 else "black"
+                axis.text(col, row, str(count), ha="center", va="center", fontsize=7, color=colour)
+        axis.set_xticks(ticks, class_names, fontsize=7)
+        axis.set_yticks(ticks, class_names, fontsize=7)
+        axis.set_xlabel("predicted")
+        axis.set_ylabel("true")
+        axis.set_title(f"{name}: accuracy {np.trace(matrix) / max(matrix.sum(), 1):.3f}", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def reliability_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], ece: dict[str, float]) -> Any:
+    """Reliability diagram: accuracy against mean confidence per bin (name -> (confidence, accuracy, count))."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    axis.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    for name, (confidence, accuracy, count) in curves.items():
+        used = count > 0
+        axis.plot(confidence[used], accuracy[used], marker="o", markersize=4, label=f"{name} (ECE {ece[name]:.3f})")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1)
+    axis.set_xlabel("confidence (top probability)")
+    axis.set_ylabel("accuracy")
+    axis.set_title("reliability on the test split", fontsize=9)
+    axis.legend(fontsize=7, loc="upper left")
+    figure.tight_layout()
+    return figure

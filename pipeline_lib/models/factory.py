@@ -1,8 +1,9 @@
-"""Build, save and load encoders: a timm ViT (custom or by name) or any timm backbone, plus its preprocessing.
+"""Build, save and load networks: a timm ViT (custom or by name) or any timm backbone, plus its preprocessing.
 
-An exported encoder is a folder with `encoder.safetensors` (the unwrapped state dict) and `config.json`
-(everything needed to rebuild it without the params file: architecture, input channels and size,
-normalisation, feature size, the method that trained it).
+An exported network is a folder with its weights (`encoder.safetensors` for a pretrained encoder,
+`classifier.safetensors` for a finetuned classifier: the unwrapped state dict) and `config.json` (everything
+needed to rebuild it without the params file: architecture, input channels and size, normalisation, feature
+size, number of classes, and whatever the stage that made it records).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pipeline_lib.models.backbone import feature_dim
 from pipeline_lib.models.preprocess import Preprocess
 
 ENCODER_FILE = "encoder.safetensors"
+CLASSIFIER_FILE = "classifier.safetensors"
 CONFIG_FILE = "config.json"
 
 
@@ -33,8 +35,12 @@ def is_vit(name: str) -> bool:
     return timm.models.model_entrypoint(name).__module__.endswith(".vision_transformer")
 
 
-def build_encoder(model: ModelParams, *, in_chans: int, img_size: int) -> nn.Module:
-    """The encoder `model` describes, randomly initialised; `encoder(x)` gives pooled (B, D) features."""
+def build_encoder(model: ModelParams, *, in_chans: int, img_size: int, drop_path_rate: float = 0.0) -> nn.Module:
+    """The encoder `model` describes, randomly initialised; `encoder(x)` gives pooled (B, D) features.
+
+    Every timm model keeps its own classifier handling: `encoder.reset_classifier(num_classes)` turns it into
+    a classifier (the finetune stage does).
+    """
     from pipeline_lib.models.backbone import create_backbone
     from pipeline_lib.models.mae import build_vit_encoder
 
@@ -46,36 +52,50 @@ def build_encoder(model: ModelParams, *, in_chans: int, img_size: int) -> nn.Mod
         return build_vit_encoder(
             model_name=None if custom else model.name, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
             embed_dim=model.embed_dim, depth=model.depth, num_heads=model.num_heads,
-            drop_path_rate=model.drop_path_rate,
+            drop_path_rate=drop_path_rate, global_pool=model.global_pool,
         )
-    return create_backbone(model.name, in_chans=in_chans, drop_path_rate=model.drop_path_rate)
+    return create_backbone(model.name, in_chans=in_chans, drop_path_rate=drop_path_rate)
 
 
-def save_encoder(encoder: nn.Module, preprocess: Preprocess, model: ModelParams, folder: Path, *, in_chans: int,
-                 **extra: Any) -> dict[str, Any]:
-    """Write `encoder.safetensors` and `config.json` into `folder`; return the config."""
+def save_network(network: nn.Module, preprocess: Preprocess, model: ModelParams, folder: Path, *, in_chans: int,
+                 weights: str = ENCODER_FILE, **extra: Any) -> dict[str, Any]:
+    """Write the weights (file name `weights`) and `config.json` into `folder`; return the config.
+
+    `network` is an encoder (`num_classes` 0) or the same encoder with a classification head.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
-    save_file(state, folder / ENCODER_FILE)
+    state = {k: v.detach().contiguous().cpu() for k, v in network.state_dict().items()}
+    save_file(state, folder / weights)
     config = {
         "model": {**dataclasses.asdict(model), "img_size": preprocess.img_size, "in_chans": in_chans},
         "preprocess": {"mean": preprocess.mean.flatten().tolist(), "std": preprocess.std.flatten().tolist(),
                        "img_size": preprocess.img_size},
-        "feature_dim": feature_dim(encoder),
+        "feature_dim": feature_dim(network),
+        "num_classes": int(getattr(network, "num_classes", 0)),
+        "weights": weights,
         **extra,
     }
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return config
 
 
-def load_encoder(folder: Path) -> tuple[nn.Module, Preprocess, dict[str, Any]]:
-    """Rebuild an exported encoder in eval mode, with its preprocessing and config."""
-    config = json.loads((Path(folder) / CONFIG_FILE).read_text())
+def load_network(folder: Path, *, drop_path_rate: float = 0.0) -> tuple[nn.Module, Preprocess, dict[str, Any]]:
+    """Rebuild an exported encoder or classifier in eval mode, with its preprocessing and config.
+
+    `drop_path_rate` only matters to a caller that trains the network further (stochastic depth is not
+    stored: it has no weights).
+    """
+    folder = Path(folder)
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: no exported network here (expected config.json and weights)")
+    config = json.loads(config_path.read_text())
     spec = dict(config["model"])
     in_chans = spec.pop("in_chans")
     model = ModelParams(**spec)
-    encoder = build_encoder(model, in_chans=in_chans, img_size=model.img_size)
-    encoder.load_state_dict(load_file(Path(folder) / ENCODER_FILE))
+    network = build_encoder(model, in_chans=in_chans, img_size=model.img_size, drop_path_rate=drop_path_rate)
+    if config.get("num_classes", 0):
+        network.reset_classifier(config["num_classes"])
+    network.load_state_dict(load_file(folder / config.get("weights", ENCODER_FILE)))
     preprocess = Preprocess(**config["preprocess"])
-    return encoder.eval(), preprocess.eval(), config
-
+    return network.eval(), preprocess.eval(), config

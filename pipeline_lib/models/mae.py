@@ -25,6 +25,7 @@ def build_vit_encoder(
     depth: int,
     num_heads: int,
     drop_path_rate: float = 0.0,
+    global_pool: str = "token",
 ) -> VisionTransformer:
     """A randomly initialised timm ViT without a classifier (`num_classes=0`); nothing is downloaded.
 
@@ -38,6 +39,8 @@ def build_vit_encoder(
         depth: transformer blocks (custom ViT only).
         num_heads: attention heads (custom ViT only).
         drop_path_rate: stochastic depth, rising linearly over the blocks to this rate.
+        global_pool: pooled features: "token" (the class token) or "avg" (the mean of the patch tokens). Either
+            way the final norm applies to every token (`fc_norm=False`), so MAE trains the same encoder.
 
     Raises:
         ValueError: `img_size` is not a multiple of `patch_size`, or `model_name` is not a timm ViT.
@@ -45,7 +48,7 @@ def build_vit_encoder(
     if img_size % patch_size:
         raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
     common = {"img_size": img_size, "patch_size": patch_size, "in_chans": in_chans, "num_classes": 0,
-              "drop_path_rate": drop_path_rate}
+              "drop_path_rate": drop_path_rate, "global_pool": global_pool, "fc_norm": False}
     if model_name is None:
         return VisionTransformer(embed_dim=embed_dim, depth=depth, num_heads=num_heads, **common)
     if not timm.is_model(model_name):

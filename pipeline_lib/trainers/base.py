@@ -52,6 +52,7 @@ class Batch:
 
     Attributes:
         images: (b, C, H, W) float in [0, 1] on the training device, resized to the model's input size.
+        labels: (b,) int64 class ids on the device, when the trainer was given labels; else None.
         rows: which rows of the step's global batch these are: draw per-sample randomness for `global_size`
             rows with `generator`, then keep `[rows]`.
         global_size: images in the step's global batch (`batch_size`).
@@ -60,12 +61,11 @@ class Batch:
     """
 
     images: Tensor
+    labels: Tensor | None
     rows: slice
     global_size: int
     generator: torch.Generator
     step: int
-
-
 
 
 @dataclass
@@ -108,8 +108,11 @@ class Trainer:
         checkpoint_dir: Path,
         tracker: Tracker,
         fingerprint: str,
+        labels: np.ndarray | None = None,
     ) -> None:
-        self.cfg, self.images, self.device, self.seed = cfg, images, device, seed
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(f"{len(labels)} labels for {len(images)} images")
+        self.cfg, self.images, self.labels, self.device, self.seed = cfg, images, labels, device, seed
         self.tracker, self.fingerprint = tracker, fingerprint
         self.checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME
         self.world, self.rank = dist.world_size(), dist.rank()
@@ -130,7 +133,10 @@ class Trainer:
 
         self.model = model.to(device)  # unwrapped: what checkpoints and exports hold
         self.lr = cfg.base_lr * cfg.batch_size / 256
-        self.optimizer = torch.optim.AdamW(self.param_groups(), lr=self.lr, betas=(0.9, cfg.adam_beta2))
+        groups = self.param_groups()
+        for group in groups:  # layer-wise lr decay: a group may scale the lr (timm's `lr_scale`)
+            group["lr"] = self.lr * group.get("lr_scale", 1.0)
+        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=(0.9, cfg.adam_beta2))
         min_ratio = cfg.min_lr / cfg.base_lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -151,8 +157,16 @@ class Trainer:
     def after_step(self, step: int) -> None:
         """Called after each optimizer step (e.g. a momentum-encoder update)."""
 
+    def train_mode(self) -> None:
+        """Put the model in training mode before each step (a linear probe keeps its encoder in eval mode)."""
+        self.model.train()
+
     def param_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups: weight decay on weights, none on biases, norms and the model's `no_weight_decay`."""
+        """AdamW groups: weight decay on weights, none on biases, norms and the model's `no_weight_decay`.
+
+        A group may carry `lr_scale`, a factor on the lr (layer-wise decay); only parameters that require
+        gradients belong in a group.
+        """
         skip = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
         return param_groups_weight_decay(self.model, self.cfg.weight_decay, no_weight_decay_list=skip)
 
@@ -177,7 +191,7 @@ class Trainer:
             if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.total_steps:
                 elapsed = time.perf_counter() - window_start
                 logged = {name: dist.all_reduce_mean(value / window_steps).item() for name, value in window.items()}
-                logged.update(lr=self.scheduler.get_last_lr()[0], images_per_second=window_steps
+                logged.update(lr=max(self.scheduler.get_last_lr()), images_per_second=window_steps
                               * self.cfg.batch_size / elapsed, step_time=elapsed / window_steps)
                 self.log(step + 1, logged)
                 bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['images_per_second']:.0f}")
@@ -193,7 +207,7 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, Tensor]:
         """One optimizer step over `accumulation_steps` micro-batches; returns detached metrics."""
-        self.model.train()
+        self.train_mode()
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, Tensor] = {}
         accumulation = self.cfg.accumulation_steps
@@ -222,7 +236,8 @@ class Trainer:
             index = order[start : start + self.micro_local]
             rows = slice(micro * self.micro_global + self.rank, (micro + 1) * self.micro_global, self.world)
             generator = torch.Generator().manual_seed(step_seed(self.seed, step))
-            yield Batch(self.load_images(index), rows, self.cfg.batch_size, generator, step)
+            labels = None if self.labels is None else torch.from_numpy(self.labels[index]).to(self.device)
+            yield Batch(self.load_images(index), labels, rows, self.cfg.batch_size, generator, step)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """This process's sample order for `epoch` (cached): the sampler's shard of a seeded permutation."""

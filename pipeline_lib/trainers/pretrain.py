@@ -8,11 +8,7 @@ processes train on identical inputs.
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +25,10 @@ from pipeline_lib.data.store import prepared_digest, read_split
 from pipeline_lib.eval.knn import knn_accuracy
 from pipeline_lib.losses.contrastive import CONTRASTIVE_LOSSES, mocov3_loss
 from pipeline_lib.models.contrastive import MoCoV3, SimCLR
-from pipeline_lib.models.factory import build_encoder, is_vit, save_encoder
+from pipeline_lib.models.factory import build_encoder, is_vit, save_network
 from pipeline_lib.models.mae import MaskedAutoencoder
 from pipeline_lib.models.preprocess import Preprocess
+from pipeline_lib.outputs import staged_dir
 from pipeline_lib.tracking import Tracker
 from pipeline_lib.trainers.base import Batch, FitResult, Trainer, code_digest
 
@@ -102,7 +99,7 @@ def build_pretrain_model(cfg: PretrainParams, model: ModelParams, *, in_chans: i
             f"pretrain.method='mae' needs a ViT encoder; model.name={model.name!r} is not a timm "
             "VisionTransformer (use 'vit', a timm ViT name, or pretrain.method simclr/mocov3)"
         )
-    encoder = build_encoder(model, in_chans=in_chans, img_size=img_size)
+    encoder = build_encoder(model, in_chans=in_chans, img_size=img_size, drop_path_rate=cfg.drop_path_rate)
     if cfg.method == "mae":
         return MaskedAutoencoder(
             encoder, decoder_embed_dim=cfg.decoder_embed_dim, decoder_depth=cfg.decoder_depth,
@@ -207,7 +204,7 @@ def write_outputs(params: Params, paths: PretrainPaths, trainer: Trainer, summar
         figure, title = pretrain_examples(trainer)
         figure.savefig(plots / "examples.png", dpi=100)
     with staged_dir(paths.out) as out:
-        save_encoder(exported_encoder(trainer.model), trainer.preprocess, params.model, out,
+        save_network(exported_encoder(trainer.model), trainer.preprocess, params.model, out,
                      in_chans=trainer.images.shape[-1], method=params.pretrain.method,
                      data_digest=prepared_digest(paths.data))
     per_step = set(trainer.history[-1]) if trainer.history else set()  # already curves in MLflow
@@ -224,19 +221,3 @@ def write_outputs(params: Params, paths: PretrainPaths, trainer: Trainer, summar
         )
     write_run_record(paths.out / "run.json", tracker, model_name=params.tracking.encoder_model, model_version=version)
     write_json_atomic(paths.metrics, summary)
-
-
-@contextmanager
-def staged_dir(target: Path) -> Iterator[Path]:
-    """A temporary folder beside `target`, renamed onto it when the block succeeds (removed if it fails)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    staging.chmod(0o755)
-    try:
-        yield staging
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

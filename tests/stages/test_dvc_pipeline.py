@@ -42,6 +42,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["model"].update(embed_dim=32, depth=1, num_heads=2)
     params["pretrain"].update(epochs=2, batch_size=32, warmup_epochs=1.0, decoder_embed_dim=32, decoder_depth=1,
                               decoder_num_heads=2, checkpoint_every=4, log_every=2, knn_k=5)
+    params["finetune"].update(epochs=2, batch_size=8, warmup_epochs=1.0, log_every=1)
+    params["evaluate"].update(knn_k=5)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(repo, "git", "init", "-q")
     _run(repo, "git", "add", "-A")
@@ -61,6 +63,10 @@ def test_repro_then_noop_then_experiment(repo: Path) -> None:
     first_run = json.loads((repo / "data/prepared/run.json").read_text())["run_id"]
     assert _labeled_count(repo) == 16  # 10% of the 160 training images left after the 20% test split
     _check_pretrain_outputs(repo, fetch_run=first_run)
+    _check_finetune_and_evaluate(repo)
+    shown = _run(repo, "dvc", "metrics", "show")
+    for key in ("ssl.top1", "scratch.top1", "gain.top1", "encoder.knn_top1", "encoder.linear_probe_top1"):
+        assert key in shown, key
 
     second = _run(repo, "dvc", "repro")
     assert "didn't change" in second or "up to date" in second
@@ -72,6 +78,10 @@ def test_repro_then_noop_then_experiment(repo: Path) -> None:
     _run(repo, "dvc", "exp", "run", "-S", "data.label_fraction=0.2")
     assert _labeled_count(repo) == 32
     assert yaml.safe_load((repo / "params.yaml").read_text())["data"]["label_fraction"] == 0.2
+    diff = json.loads(_run(repo, "dvc", "metrics", "diff", "--json"))["metrics/evaluate.json"]
+    assert diff["labels.labeled_images"] == {"old": 16, "new": 32, "diff": 16}
+    assert diff["labels.label_fraction"]["new"] == 0.2
+    assert "ssl.top1" in diff or "scratch.top1" in diff  # retrained on twice the labels
 
     client = mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("ssl-pipeline").experiment_id],
@@ -94,6 +104,36 @@ def test_switch_source_with_exp_run(repo: Path, tmp_path: Path) -> None:
     meta = json.loads((repo / "data/prepared/test/meta.json").read_text())
     assert meta["source"] == "imagefolder" and meta["class_names"] == ["bright", "dark"]
     assert meta["shape"][1:] == [6, 6, 3]
+
+
+def _check_finetune_and_evaluate(repo: Path) -> None:
+    """Both classifiers, the evaluate metrics and plots, and the registered classifier with its lineage."""
+    for name in ("models/finetune/classifier.safetensors", "models/finetune_scratch/classifier.safetensors",
+                 "plots/evaluate/confusion.csv", "plots/evaluate/confusion.png", "plots/evaluate/reliability.png"):
+        assert (repo / name).is_file(), name
+    summary = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert summary["gain"]["top1"] == summary["ssl"]["top1"] - summary["scratch"]["top1"]
+    uri = f"sqlite:///{repo}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    record = json.loads((repo / "models/finetune/run.json").read_text())
+    version = client.get_model_version_by_alias("ssl-pipeline-classifier", "challenger")
+    assert int(version.version) == record["model_version"]
+    encoder = json.loads((repo / "models/pretrain/run.json").read_text())
+    assert version.tags["encoder.model_version"] == str(encoder["model_version"])
+    assert version.tags["upstream.pretrain.run_id"] == encoder["run_id"]
+    assert version.tags["input.data.sha256"] == client.get_run(encoder["run_id"]).data.tags["input.data.sha256"]
+    scratch = client.get_run(json.loads((repo / "models/finetune_scratch/run.json").read_text())["run_id"])
+    assert scratch.info.run_name == "finetune_scratch" and scratch.data.tags["init"] == "scratch"
+    assert scratch.data.metrics["test.top1"] == summary["scratch"]["top1"]
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/ssl-pipeline-classifier@challenger")
+    images = np.load(repo / "data/prepared/test/images.npy")
+    probabilities = model.predict(images)
+    assert probabilities.shape == (len(images), 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    assert np.mean(probabilities.argmax(axis=1) == np.load(repo / "data/prepared/test/labels.npy")) == (
+        summary["ssl"]["top1"])
 
 
 def _check_pretrain_outputs(repo: Path, fetch_run: str) -> None:

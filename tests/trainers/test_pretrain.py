@@ -11,7 +11,7 @@ import torch
 from pipeline_lib.config import DataParams, params_from_dict
 from pipeline_lib.data.prepare import prepare_dataset
 from pipeline_lib.data.store import read_split
-from pipeline_lib.models.factory import load_encoder
+from pipeline_lib.models.factory import load_network
 from pipeline_lib.tracking import Tracker
 from pipeline_lib.trainers.pretrain import PretrainPaths, build_pretrain_model, run_pretrain
 
@@ -54,7 +54,7 @@ def test_method_trains_exports_and_reloads(prepared: Path, tmp_path: Path, metho
     assert {p.name for p in paths.plots.iterdir()} == {"loss.csv", "examples.png"}
     assert paths.metrics.is_file()
 
-    encoder, preprocess, config = load_encoder(paths.out)
+    encoder, preprocess, config = load_network(paths.out)
     assert config["method"] == method
     pixels = torch.from_numpy(np.ascontiguousarray(read_split(prepared, "test").images[:4]))
     with torch.no_grad():
