@@ -267,11 +267,11 @@ class PretrainParams(TrainParams):
     section: ClassVar[str] = "pretrain"
 
     method: PretrainMethod = "mae"
-    epochs: int = 40
+    epochs: int = 100
     base_lr: float = 1.5e-3
     warmup_epochs: float = 4.0
     # MAE
-    mask_ratio: float = 0.75
+    mask_ratio: float = 0.5
     norm_pix_loss: bool = False
     decoder_embed_dim: int = 64
     decoder_depth: int = 2
@@ -283,7 +283,9 @@ class PretrainParams(TrainParams):
     projection_dim: int = 128
     hidden_dim: int = 512
     momentum: float = 0.99
-    crop_scale_min: float = 0.2
+    # augmentations (all methods)
+    crop_scale_min: float = 0.5
+    flip_p: float = 0.0
     # monitoring
     knn_k: int = 20
 
@@ -303,6 +305,7 @@ class PretrainParams(TrainParams):
         _check(self.margin > 0, "pretrain.margin", self.margin, "must be > 0")
         _check(0.0 <= self.momentum < 1.0, "pretrain.momentum", self.momentum, "must be in [0, 1)")
         _check(0.0 < self.crop_scale_min <= 1.0, "pretrain.crop_scale_min", self.crop_scale_min, "must be in (0, 1]")
+        _check(0.0 <= self.flip_p <= 1.0, "pretrain.flip_p", self.flip_p, "must be in [0, 1]")
         _check(
             self.method != "mocov3" or self.loss == "nt_xent",
             "pretrain.loss",
@@ -335,7 +338,7 @@ class FinetuneParams(TrainParams):
     drop_path_rate: float = 0.1
     layer_decay: float = 0.75
     label_smoothing: float = 0.1
-    crop_scale_min: float = 1.0
+    crop_scale_min: float = 0.7
     flip_p: float = 0.0
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0

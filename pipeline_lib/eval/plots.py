@@ -80,7 +80,7 @@ def contrastive_views(augment: Any, preprocess: Any, pixels: Tensor, *, seed: in
 def pretrain_examples(trainer: Any, count: int = 8) -> tuple[Any, str]:
     """The pretrain stage's picture and its MLflow name: MAE reconstructions or contrastive views."""
     pixels = torch.from_numpy(np.array(trainer.images[:count])).to(trainer.device)
-    if hasattr(trainer, "augment"):
+    if not hasattr(trainer.model, "mask_ratio"):  # the contrastive methods
         return contrastive_views(trainer.augment, trainer.preprocess, pixels), "views"
     return mae_reconstruction(trainer.model, trainer.preprocess, pixels), "reconstruction"
 

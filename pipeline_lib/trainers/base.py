@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from pipeline_lib import dist
 from pipeline_lib.config import TrainParams
+from pipeline_lib.data.augment import AugmentConfig, BatchAugment
 from pipeline_lib.models.preprocess import Preprocess
 from pipeline_lib.tracking import Tracker
 
@@ -332,6 +333,31 @@ class Trainer:
         if dist.is_main():
             print(f"{self.stage}: resuming from {self.checkpoint_path} at step {state['step']}/{self.total_steps}")
         return int(state["step"])
+
+
+class AugmentingTrainer(Trainer):
+    """A trainer whose method augments each batch on the device, as `augment_config` says (None: not at all).
+
+    The random choices are drawn for the step's global batch from the step's generator and each process
+    applies its rows, so the process count does not change the augmented images.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        config = self.augment_config()
+        self.augment = None if config is None else BatchAugment(config, self.preprocess.img_size)
+
+    def augment_config(self) -> AugmentConfig | None:
+        """The augmentations of this method under `self.cfg`."""
+        return None
+
+    def augmented(self, batch: Batch) -> Tensor:
+        """One augmented view of this process's images, (b, C, S, S) in [0, 1]."""
+        if self.augment is None:
+            return batch.images
+        params = self.augment.sample(batch.global_size, batch.generator, torch.device("cpu"))
+        return self.augment.apply(batch.images, {name: value[batch.rows].to(self.device) for name, value in
+                                                 params.items()})
 
 
 def code_digest() -> str:

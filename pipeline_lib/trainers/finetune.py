@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from pipeline_lib import dist
 from pipeline_lib.config import FinetuneParams, ModelParams, Params, flatten, params_hash
-from pipeline_lib.data.augment import AugmentConfig, BatchAugment
+from pipeline_lib.data.augment import AugmentConfig
 from pipeline_lib.data.download import DataError, sha256_file
 from pipeline_lib.data.store import prepared_digest, read_split
 from pipeline_lib.models.classifier import attach_head, head_only_train
@@ -45,10 +45,10 @@ from pipeline_lib.models.factory import (
 from pipeline_lib.models.preprocess import Preprocess
 from pipeline_lib.outputs import staged_dir
 from pipeline_lib.tracking import Tracker, read_run_record, write_json_atomic, write_run_record
-from pipeline_lib.trainers.base import Batch, Trainer, code_digest, step_seed
+from pipeline_lib.trainers.base import AugmentingTrainer, Batch, Trainer, code_digest, step_seed
 
 
-class FinetuneTrainer(Trainer):
+class FinetuneTrainer(AugmentingTrainer):
     """Cross-entropy on the labeled split, with the finetuning recipe's regularisers."""
 
     stage = "finetune"
@@ -59,15 +59,18 @@ class FinetuneTrainer(Trainer):
             raise ValueError("finetuning needs labels: pass the labeled split's labels")
         cfg: FinetuneParams = self.cfg  # type: ignore[assignment]
         self.num_classes = num_classes
-        self.augment = None
-        if cfg.crop_scale_min < 1.0 or cfg.flip_p > 0:  # geometric only: colour changes are not label-preserving
-            augment = AugmentConfig(crop_scale=(cfg.crop_scale_min, 1.0), flip_p=cfg.flip_p, jitter_p=0.0,
-                                    grayscale_p=0.0, blur_p=0.0)
-            self.augment = BatchAugment(augment, self.preprocess.img_size)
         self.mixup = None
         if cfg.mixes:
             self.mixup = Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mixup_prob,
                                label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+
+    def augment_config(self) -> AugmentConfig | None:
+        """Crops and flips only: colour changes need not preserve the label."""
+        cfg: FinetuneParams = self.cfg  # type: ignore[assignment]
+        if cfg.crop_scale_min == 1.0 and cfg.flip_p == 0:
+            return None
+        return AugmentConfig(crop_scale=(cfg.crop_scale_min, 1.0), flip_p=cfg.flip_p, jitter_p=0.0,
+                             grayscale_p=0.0, blur_p=0.0)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Layer-wise lr decay groups over the parameters that train (all, or the head in a linear probe)."""
@@ -84,10 +87,7 @@ class FinetuneTrainer(Trainer):
 
     def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
         cfg: FinetuneParams = self.cfg  # type: ignore[assignment]
-        images, labels = batch.images, batch.labels
-        if self.augment is not None:
-            params = self.augment.sample(batch.global_size, batch.generator, torch.device("cpu"))
-            images = self.augment.apply(images, {k: v[batch.rows].to(self.device) for k, v in params.items()})
+        images, labels = self.augmented(batch), batch.labels
         if self.mixup is not None:
             np.random.seed((step_seed(self.seed, batch.step) + batch.rows.start) % 2**32)
             images, targets = self.mixup(images, labels)  # soft targets (b, classes), smoothing included

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from pipeline_lib import dist
 from pipeline_lib.config import ModelParams, Params, PretrainParams, flatten, params_hash
-from pipeline_lib.data.augment import AugmentConfig, BatchAugment
+from pipeline_lib.data.augment import AugmentConfig
 from pipeline_lib.data.download import DataError
 from pipeline_lib.data.store import prepared_digest, read_split
 from pipeline_lib.eval.knn import knn_accuracy
@@ -30,38 +30,38 @@ from pipeline_lib.models.mae import MaskedAutoencoder
 from pipeline_lib.models.preprocess import Preprocess
 from pipeline_lib.outputs import staged_dir
 from pipeline_lib.tracking import Tracker
-from pipeline_lib.trainers.base import Batch, FitResult, Trainer, code_digest
+from pipeline_lib.trainers.base import AugmentingTrainer, Batch, FitResult, Trainer, code_digest
 
 
-class MAETrainer(Trainer):
-    """Masked autoencoding: reconstruct the masked patches from the visible ones."""
+class MAETrainer(AugmentingTrainer):
+    """Masked autoencoding of random resized crops (and flips): reconstruct the masked patches from the rest.
+
+    As in the MAE recipe, the only augmentation is geometric: crops and flips; masking is the regulariser.
+    """
 
     stage = "pretrain"
 
+    def augment_config(self) -> AugmentConfig:
+        return augmentations(self.cfg)  # type: ignore[arg-type]
+
     def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
+        images = self.augmented(batch)
         noise = torch.rand(batch.global_size, self.model.num_patches, generator=batch.generator)  # (B_global, L)
-        loss, _, _ = self.forward_model(self.normalize(batch.images), noise=noise[batch.rows].to(self.device))
+        loss, _, _ = self.forward_model(self.normalize(images), noise=noise[batch.rows].to(self.device))
         return {"loss": loss}
 
 
-class TwoViewTrainer(Trainer):
-    """Shared by the contrastive methods: two augmented views of each image, augmented on the device."""
+class TwoViewTrainer(AugmentingTrainer):
+    """Shared by the contrastive methods: two views of each image under SimCLR's augmentations."""
 
     stage = "pretrain"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        cfg: PretrainParams = self.cfg  # type: ignore[assignment]
-        self.augment = BatchAugment(AugmentConfig(crop_scale=(cfg.crop_scale_min, 1.0)), self.preprocess.img_size)
+    def augment_config(self) -> AugmentConfig:
+        return augmentations(self.cfg)  # type: ignore[arg-type]
 
     def views(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """Two normalised views of this process's images, (b, C, S, S) each."""
-        out = []
-        for _ in range(2):
-            params = self.augment.sample(batch.global_size, batch.generator, torch.device("cpu"))
-            mine = {name: value[batch.rows].to(self.device) for name, value in params.items()}
-            out.append(self.normalize(self.augment.apply(batch.images, mine)))
-        return out[0], out[1]
+        return self.normalize(self.augmented(batch)), self.normalize(self.augmented(batch))
 
 
 class SimCLRTrainer(TwoViewTrainer):
@@ -107,6 +107,14 @@ def build_pretrain_model(cfg: PretrainParams, model: ModelParams, *, in_chans: i
         )
     heads = {"projection_dim": cfg.projection_dim, "hidden_dim": cfg.hidden_dim}
     return SimCLR(encoder, **heads) if cfg.method == "simclr" else MoCoV3(encoder, **heads)
+
+
+def augmentations(cfg: PretrainParams) -> AugmentConfig:
+    """MAE: crops and flips only. Contrastive methods: SimCLR's full set (crop, flip, colour, blur)."""
+    geometric = {"crop_scale": (cfg.crop_scale_min, 1.0), "flip_p": cfg.flip_p}
+    if cfg.method == "mae":
+        return AugmentConfig(**geometric, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+    return AugmentConfig(**geometric)
 
 
 def exported_encoder(model: nn.Module) -> nn.Module:
