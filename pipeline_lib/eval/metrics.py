@@ -51,13 +51,14 @@ def classification_metrics(
     if probabilities.shape != (len(labels), len(classes)):
         expected = f"{len(labels)} labels x {len(classes)} classes"
         raise ValueError(f"probabilities {probabilities.shape} do not match {expected}")
+    probabilities = np.asarray(probabilities, dtype=np.float64)
     predicted = probabilities.argmax(axis=1)
     matrix = confusion_matrix(labels, predicted, labels=classes)
     per_class = np.diag(matrix) / np.maximum(matrix.sum(axis=1), 1)
     metrics: dict[str, Any] = {
         "top1": float(accuracy_score(labels, predicted)),
         "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)),
-        "nll": float(log_loss(labels, np.clip(probabilities, 1e-12, 1.0), labels=classes)),
+        "nll": float(log_loss(labels, probabilities / probabilities.sum(axis=1, keepdims=True), labels=classes)),
         "ece": expected_calibration_error(probabilities, labels, num_bins=num_bins),
         "per_class_accuracy": {name: float(value) for name, value in zip(class_names, per_class, strict=True)},
         "confusion_matrix": matrix.tolist(),
