@@ -267,7 +267,7 @@ class PretrainParams(TrainParams):
     section: ClassVar[str] = "pretrain"
 
     method: PretrainMethod = "mae"
-    epochs: int = 100
+    epochs: int = 150
     base_lr: float = 1.5e-3
     warmup_epochs: float = 4.0
     # MAE
