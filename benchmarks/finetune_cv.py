@@ -72,7 +72,8 @@ def main() -> None:
                 pixel_stats=(labeled.meta["pixel_mean"], labeled.meta["pixel_std"]))
             trainer = FinetuneTrainer(model, params.finetune, images[train], preprocess, labels=labels[train],
                                       num_classes=len(labeled.meta["class_names"]), device=device,
-                                      seed=run_params.seed, checkpoint_dir=paths.checkpoints, tracker=Tracker(), fingerprint="cv")
+                                      seed=run_params.seed, checkpoint_dir=paths.checkpoints, tracker=Tracker(),
+                                      fingerprint="cv")
             trainer.fit()
             probabilities = predict_probabilities(trainer.model, preprocess, images[held_out], device=device)
             accuracies.append(float((probabilities.argmax(axis=1) == labels[held_out]).mean()))
