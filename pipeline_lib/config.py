@@ -386,6 +386,84 @@ class EvaluateParams:
                "must be > 0 (inverse L2 strength of the logistic-regression probe)")
 
 
+RewardType = Literal["accuracy", "cost_matrix", "abstain"]
+RewardScale = Literal["group", "none"]
+
+
+@dataclass(frozen=True)
+class RewardParams:
+    """What a classifier's decision is worth, declared, never learned (see `pipeline_lib.rewards`).
+
+    `accuracy`: 1 right, 0 wrong. `abstain`: `correct`, `wrong` and `abstain` for the extra action.
+    `cost_matrix`: minus `cost_matrix[true][predicted]`, given inline as rows or as the path of a CSV file
+    with one row per true class; its shape is checked against the classes when the RL stage starts.
+    """
+
+    type: RewardType = "abstain"
+    correct: float = 1.0
+    wrong: float = -1.0
+    abstain: float = 0.0
+    cost_matrix: list[list[float]] | str | None = None
+
+    def __post_init__(self) -> None:
+        if self.type == "abstain":
+            _check(self.wrong < self.correct, "rl.reward.wrong", self.wrong,
+                   f"must be below rl.reward.correct={self.correct}")
+            _check(self.abstain <= self.correct, "rl.reward.abstain", self.abstain,
+                   f"must not exceed rl.reward.correct={self.correct} (abstaining would pay more than a right answer)")
+        if self.type == "cost_matrix":
+            _check(self.cost_matrix is not None, "rl.reward.cost_matrix", self.cost_matrix,
+                   "is required with rl.reward.type='cost_matrix': rows of costs (true class x predicted class) "
+                   "or the path of a CSV file")
+            if isinstance(self.cost_matrix, list):
+                widths = {len(row) for row in self.cost_matrix}
+                _check(len(self.cost_matrix) > 0 and widths == {len(self.cost_matrix)}, "rl.reward.cost_matrix",
+                       self.cost_matrix, "must be a square matrix: one row per true class, one column per prediction")
+        else:
+            _check(self.cost_matrix is None, "rl.reward.cost_matrix", self.cost_matrix,
+                   f"is only read with rl.reward.type='cost_matrix'; remove it for type {self.type!r}")
+
+
+@dataclass(frozen=True)
+class RLParams(TrainParams):
+    """GRPO post-training of the finetuned classifier on the `rl` split (see `pipeline_lib.losses.grpo`).
+
+    Per image, `group_size` actions are sampled from softmax(logits / temperature) (+ abstain); each sampled
+    batch is used for `num_iterations` updates against the sampling policy, with the clip range `epsilon` /
+    `epsilon_high` and a k3 KL penalty `beta` to the frozen finetuned reference. `scale_rewards: none`
+    (Dr. GRPO) keeps the declared reward's trade-offs; `group` divides by each group's std.
+    """
+
+    section: ClassVar[str] = "rl"
+
+    reward: RewardParams = dataclasses.field(default_factory=RewardParams)
+    epochs: int = 20
+    batch_size: int = 32
+    base_lr: float = 1.0e-3
+    adam_beta2: float = 0.999
+    warmup_epochs: float = 0.0
+    weight_decay: float = 0.0
+    group_size: int = 8
+    temperature: float = 1.0
+    scale_rewards: RewardScale = "none"
+    epsilon: float = 0.2
+    epsilon_high: float = 0.28
+    num_iterations: int = 1
+    beta: float = 0.04
+    head_only: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.group_size >= 2, "rl.group_size", self.group_size,
+               "must be >= 2 (advantages are relative to the group)")
+        _check(self.temperature > 0, "rl.temperature", self.temperature, "must be > 0")
+        _check(0 < self.epsilon < 1, "rl.epsilon", self.epsilon, "must be in (0, 1)")
+        _check(self.epsilon_high >= self.epsilon, "rl.epsilon_high", self.epsilon_high,
+               f"must be >= rl.epsilon={self.epsilon} (clip-higher widens only the upper side)")
+        _check(self.num_iterations >= 1, "rl.num_iterations", self.num_iterations, "must be a positive integer")
+        _check(self.beta >= 0, "rl.beta", self.beta, "must be >= 0 (0: no KL penalty)")
+
+
 @dataclass(frozen=True)
 class Params:
     """The whole `params.yaml`."""
@@ -398,6 +476,7 @@ class Params:
     pretrain: PretrainParams = dataclasses.field(default_factory=PretrainParams)
     finetune: FinetuneParams = dataclasses.field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = dataclasses.field(default_factory=EvaluateParams)
+    rl: RLParams = dataclasses.field(default_factory=RLParams)
 
     def __post_init__(self) -> None:
         _check(0 <= self.seed < 2**32, "seed", self.seed, "must be an integer in [0, 2**32)")
@@ -442,8 +521,20 @@ def _convert(annotation: Any, value: Any, key: str) -> Any:
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
         if value is None and len(options) < len(typing.get_args(annotation)):
             return None
-        (inner,) = options
-        return _convert(inner, value, key)
+        if len(options) == 1:
+            return _convert(options[0], value, key)
+        for option in options:
+            if typing.get_origin(option) is list and isinstance(value, list):
+                return _convert(option, value, key)  # a list's own error names the bad item: the clearest
+            try:
+                return _convert(option, value, key)
+            except ConfigError:
+                continue
+        _fail(key, value, f"must be {' or '.join(_describe(option) for option in options)}")
+    if origin is list:
+        (inner,) = typing.get_args(annotation)
+        _check(isinstance(value, list), key, value, f"must be {_describe(annotation)}")
+        return [_convert(inner, item, f"{key}[{index}]") for index, item in enumerate(value)]
     if origin is Literal:
         choices = typing.get_args(annotation)
         _check(value in choices, key, value, f"must be one of {', '.join(map(repr, choices))}")
@@ -469,6 +560,16 @@ def _convert(annotation: Any, value: Any, key: str) -> Any:
     else:  # pragma: no cover - a new field type needs a branch here
         raise TypeError(f"{key}: unsupported annotation {annotation!r}")
     return value
+
+
+def _describe(annotation: Any, *, plural: bool = False) -> str:
+    """How an error names a field type: 'a number', 'a list of lists of numbers', ..."""
+    if typing.get_origin(annotation) is list:
+        inner = _describe(typing.get_args(annotation)[0], plural=True)
+        return f"lists of {inner}" if plural else f"a list of {inner}"
+    names = {float: ("a number", "numbers"), int: ("an integer", "integers"), str: ("a string", "strings"),
+             bool: ("true or false", "booleans")}
+    return names.get(annotation, (str(annotation), str(annotation)))[plural]
 
 
 def _looks_numeric(text: str) -> bool:

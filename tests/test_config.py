@@ -143,6 +143,23 @@ BAD_INPUTS: list[tuple[str, list[str]]] = [
     ("evaluate:\n  calibration_bins: 0\n", ["evaluate.calibration_bins=0", "must be a positive integer"]),
     ("evaluate:\n  probe_c: 0\n", ["evaluate.probe_c=0.0", "must be > 0"]),
     ("evaluate:\n  knn_temperature: -1\n", ["evaluate.knn_temperature=-1.0", "must be > 0"]),
+    ("rl:\n  reward:\n    abstain: 1.5\n", ["rl.reward.abstain=1.5", "must not exceed rl.reward.correct=1.0"]),
+    ("rl:\n  reward:\n    wrong: 1\n", ["rl.reward.wrong=1.0", "must be below rl.reward.correct=1.0"]),
+    ("rl:\n  reward:\n    type: costs\n", ["rl.reward.type='costs'", "'accuracy', 'cost_matrix', 'abstain'"]),
+    ("rl:\n  reward:\n    type: cost_matrix\n", ["rl.reward.cost_matrix=None", "is required"]),
+    ("rl:\n  reward:\n    type: cost_matrix\n    cost_matrix: [[0, 1], [1]]\n",
+     ["rl.reward.cost_matrix=[[0.0, 1.0], [1.0]]", "must be a square matrix"]),
+    ("rl:\n  reward:\n    type: cost_matrix\n    cost_matrix: [[0, .nan], [1, 0]]\n",
+     ["rl.reward.cost_matrix[0][1]=nan", "must be a finite number"]),
+    ("rl:\n  reward:\n    type: cost_matrix\n    cost_matrix: 5\n",
+     ["rl.reward.cost_matrix=5", "must be a list of lists of numbers or a string"]),
+    ("rl:\n  reward:\n    type: accuracy\n    cost_matrix: [[0]]\n",
+     ["rl.reward.cost_matrix=[[0.0]]", "only read with rl.reward.type='cost_matrix'"]),
+    ("rl:\n  group_size: 1\n", ["rl.group_size=1", "must be >= 2"]),
+    ("rl:\n  epsilon_high: 0.1\n", ["rl.epsilon_high=0.1", "must be >= rl.epsilon=0.2"]),
+    ("rl:\n  beta: -0.1\n", ["rl.beta=-0.1", "must be >= 0"]),
+    ("rl:\n  scale_rewards: std\n", ["rl.scale_rewards='std'", "'group', 'none'"]),
+    ("rl:\n  num_iterations: 0\n", ["rl.num_iterations=0", "must be a positive integer"]),
 ]
 
 
@@ -240,9 +257,17 @@ def test_mirror_archive_lowercases_sha(tmp_path: Path) -> None:
 def test_flatten_dataclass_gives_dotted_keys() -> None:
     """flatten turns nested sections into dotted keys, leaving leaves as they are."""
     flat = flatten(Params())
-    sections = {f.name: f.type for f in dataclasses.fields(Params) if f.name not in ("seed", "device")}
-    nested = {f"{name}.{f.name}" for name in sections for f in dataclasses.fields(getattr(Params(), name))}
-    assert set(flat) == {"seed", "device"} | nested
+
+    def leaves(section: object, prefix: str) -> set[str]:
+        keys = set()
+        for field in dataclasses.fields(section):
+            value = getattr(section, field.name)
+            nested = dataclasses.is_dataclass(value)
+            keys |= leaves(value, f"{prefix}{field.name}.") if nested else {f"{prefix}{field.name}"}
+        return keys
+
+    assert set(flat) == leaves(Params(), "")
+    assert flat["rl.reward.type"] == "abstain"  # sections within sections too
     assert "pretrain.section" not in flat  # class-level constants are not params
     assert flat["data.source"] == "digits"
     assert flat["tracking.experiment"] == "ssl-pipeline"
@@ -259,6 +284,13 @@ def test_params_hash_stable_and_sensitive() -> None:
     changed = {**flat, "seed": 1}
     assert params_hash(changed) != params_hash(flat)
     assert len(params_hash(flat)) == 64
+
+
+def test_cost_matrix_inline_or_as_a_path(tmp_path: Path) -> None:
+    inline = "rl:\n  reward:\n    type: cost_matrix\n    cost_matrix: [[0, 2], [1, 0]]\n"
+    assert load_params(_write(tmp_path, inline)).rl.reward.cost_matrix == [[0.0, 2.0], [1.0, 0.0]]
+    path = "rl:\n  reward:\n    type: cost_matrix\n    cost_matrix: data/costs.csv\n"
+    assert load_params(_write(tmp_path, path)).rl.reward.cost_matrix == "data/costs.csv"
 
 
 def test_params_are_frozen() -> None:
