@@ -47,14 +47,17 @@ def log_policy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return F.log_softmax(logits.float() / temperature, dim=1)
 
 
-def sample_actions(log_probs: Tensor, group_size: int, generator: torch.Generator) -> Tensor:
-    """G actions per row from one forward pass: (B, A) log-probs -> (B, G) action ids.
+def sample_actions(log_probs: Tensor, uniforms: Tensor) -> Tensor:
+    """G actions per row from one forward pass by inverse-CDF sampling: (B, A) log-probs, (B, G) uniforms in
+    [0, 1) -> (B, G) action ids.
 
-    Drawn on the generator's device (the step's CPU generator, so every process and a resumed run draw the
-    same actions), then moved to the log-probs' device.
+    The uniforms come from the step's generator for the global batch, each process keeping its rows, so the
+    process count and a resume do not change which actions are drawn.
     """
-    probs = log_probs.detach().exp().to(generator.device)
-    return torch.multinomial(probs, group_size, replacement=True, generator=generator).to(log_probs.device)
+    cumulative = log_probs.detach().float().exp().cumsum(dim=1)
+    cumulative = cumulative / cumulative[:, -1:]  # exactly 1 at the end despite rounding
+    actions = torch.searchsorted(cumulative, uniforms.to(cumulative.device, cumulative.dtype), right=True)
+    return actions.clamp(max=log_probs.shape[1] - 1)
 
 
 def class_kl(policy_logits: Tensor, reference_logits: Tensor, temperature: float = 1.0) -> Tensor:

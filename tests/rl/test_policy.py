@@ -42,14 +42,17 @@ def test_abstain_logit_learns_from_the_features(classifier: torch.nn.Module) -> 
     assert policy.abstain.weight.grad.abs().sum() > 0 and policy.abstain.bias.grad.abs().sum() > 0
 
 
-def test_sampling_is_reproducible_and_follows_the_policy() -> None:
+def test_sampling_follows_the_policy_and_the_uniforms() -> None:
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.0, 0.0, 1.0]])
-    draw = lambda: sample_actions(probs.log(), 20_000, torch.Generator().manual_seed(3))  # noqa: E731
-    first, second = draw(), draw()
-    assert first.shape == (2, 20_000) and torch.equal(first, second)
-    frequencies = F.one_hot(first[0], 3).float().mean(0)
-    assert torch.allclose(frequencies, probs[0], atol=0.01)
-    assert (first[1] == 2).all()
+    uniforms = torch.rand(2, 20_000, generator=torch.Generator().manual_seed(3))
+    actions = sample_actions(probs.log(), uniforms)
+    assert actions.shape == (2, 20_000)
+    assert torch.allclose(F.one_hot(actions[0], 3).float().mean(0), probs[0], atol=0.01)
+    assert (actions[1] == 2).all()  # zero-probability actions are never drawn
+    edges = torch.tensor([[0.0, 0.69, 0.7, 0.89, 0.9, 0.9999]])
+    assert sample_actions(probs[:1].log(), edges).tolist() == [[0, 0, 1, 1, 2, 2]]
+    rows = slice(1, None)  # one process's rows of the global batch draw what the whole batch drew there
+    assert torch.equal(sample_actions(probs[rows].log(), uniforms[rows]), actions[rows])
 
 
 def test_class_kl_by_hand_and_with_temperature() -> None:
