@@ -69,9 +69,9 @@ def _aggregate(values: Tensor, mask: Tensor | None, aggregation: Aggregation) ->
 def grpo_loss(
     logp: Tensor,
     old_logp: Tensor,
-    ref_logp: Tensor | None,
     advantages: Tensor,
     *,
+    kl: Tensor | None = None,
     epsilon: float = 0.2,
     epsilon_high: float | None = None,
     beta: float = 0.0,
@@ -80,43 +80,46 @@ def grpo_loss(
 ) -> dict[str, Tensor]:
     """The clipped-ratio GRPO objective with a k3 KL penalty, to minimise.
 
-    Per sample (or token): -min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A) + beta * k3,
-    with ratio = exp(logp - old_logp), old_logp the log-prob under the policy that sampled (detached), and
-    A broadcast over tokens. With one update per sampled batch (ratio = 1) the gradient is REINFORCE with the
-    group-mean baseline.
+    Per sample (or token): -min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A) + beta * kl,
+    with ratio = exp(logp - old_logp), old_logp the log-prob under the policy that sampled (detached), A
+    broadcast over tokens, and kl the per-sample KL estimate to the reference, normally
+    `k3_kl(logp, ref_logp)` (a caller whose reference lacks some actions estimates it over what the reference
+    defines). With one update per sampled batch (ratio = 1) the gradient is REINFORCE with the group-mean
+    baseline.
 
     Args:
         logp: log-probs of the sampled actions/tokens under the policy being trained, (B, G) or (B, G, T).
         old_logp: the same under the sampling policy; treated as constant.
-        ref_logp: the same under the frozen reference; None when beta is 0.
         advantages: (B, G), from `group_advantages`.
+        kl: per-sample (per-token) KL estimates to the frozen reference, differentiable in the policy; None
+            when beta is 0.
         epsilon, epsilon_high: lower and upper clip range (epsilon_high None: epsilon, symmetric).
-        beta: weight of the k3 KL penalty to the reference.
+        beta: weight of the KL penalty.
         mask: (B, G, T) completion tokens, for per-token inputs.
         aggregation: "token" or "sample" (see the module docstring).
 
     Returns:
-        "loss" (scalar, differentiable) and detached statistics: "kl" (the mean k3 estimate, 0 without a
-        reference), "clip_ratio" (share of samples/tokens where the clipped branch is taken and so gives no
-        gradient) and "ratio" (mean ratio).
+        "loss" (scalar, differentiable) and detached statistics: "kl" (the mean estimate, 0 without one),
+        "clip_ratio" (share of samples/tokens where the clipped branch is taken and so gives no gradient) and
+        "ratio" (mean ratio).
     """
-    if logp.shape != old_logp.shape or (ref_logp is not None and ref_logp.shape != logp.shape):
-        raise ValueError("logp, old_logp and ref_logp must have the same shape")
+    if logp.shape != old_logp.shape or (kl is not None and kl.shape != logp.shape):
+        raise ValueError("logp, old_logp and kl must have the same shape")
     if advantages.shape != logp.shape[:2]:
         raise ValueError(f"advantages must be (B, G) = {tuple(logp.shape[:2])}, got {tuple(advantages.shape)}")
     if (logp.ndim == 3) != (mask is not None) or (mask is not None and mask.shape != logp.shape):
         raise ValueError("per-token log-probs (B, G, T) need a mask of the same shape, and only they take one")
     if not epsilon > 0 or (epsilon_high is not None and not epsilon_high > 0):
         raise ValueError(f"epsilon and epsilon_high must be > 0, got {epsilon} and {epsilon_high}")
-    if beta < 0 or (beta > 0 and ref_logp is None):
-        raise ValueError(f"beta={beta}: must be >= 0, and a KL penalty needs ref_logp")
+    if beta < 0 or (beta > 0 and kl is None):
+        raise ValueError(f"beta={beta}: must be >= 0, and a KL penalty needs the kl estimates")
     upper = epsilon if epsilon_high is None else epsilon_high
     adv = advantages if logp.ndim == 2 else advantages.unsqueeze(-1)
     ratio = torch.exp(logp - old_logp.detach())
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + upper) * adv
     per_item = -torch.minimum(unclipped, clipped)
-    kl = k3_kl(logp, ref_logp.detach()) if ref_logp is not None else torch.zeros_like(logp)
+    kl = torch.zeros_like(logp) if kl is None else kl
     if beta > 0:
         per_item = per_item + beta * kl
     with torch.no_grad():

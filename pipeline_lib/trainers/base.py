@@ -57,7 +57,8 @@ class Batch:
         rows: which rows of the step's global batch these are: draw per-sample randomness for `global_size`
             rows with `generator`, then keep `[rows]`.
         global_size: images in the step's global batch (`batch_size`).
-        generator: CPU generator seeded by (seed, step), identical on every process and micro-step.
+        generator: CPU generator seeded by (seed, index of the batch), identical on every process and micro-step
+            (the batch index is the step unless a method takes several steps per batch).
         step: the optimizer step this micro-batch belongs to.
     """
 
@@ -129,8 +130,9 @@ class Trainer:
             raise ValueError(
                 f"{cfg.section}.batch_size={cfg.batch_size} is larger than the {len(images)} training images"
             )
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
+        updates = self.updates_per_batch()
+        self.total_steps = cfg.epochs * self.steps_per_epoch * updates
+        self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch * updates)
 
         self.model = model.to(device)  # unwrapped: what checkpoints and exports hold
         self.lr = cfg.base_lr * cfg.batch_size / 256
@@ -157,6 +159,17 @@ class Trainer:
 
     def after_step(self, step: int) -> None:
         """Called after each optimizer step (e.g. a momentum-encoder update)."""
+
+    def updates_per_batch(self) -> int:
+        """Optimizer steps taken on each batch (GRPO's `num_iterations`); the schedule counts them all."""
+        return 1
+
+    def extra_state(self) -> dict[str, Any]:
+        """Method state a checkpoint must carry beyond model and optimizer (tensors and plain values)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what `extra_state` returned."""
 
     def train_mode(self) -> None:
         """Put the model in training mode before each step (a linear probe keeps its encoder in eval mode)."""
@@ -230,13 +243,14 @@ class Trainer:
 
     def micro_batches(self, step: int) -> Iterator[Batch]:
         """This process's rows of each micro-batch of global step `step`, on the device."""
-        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        data_step = step // self.updates_per_batch()  # the batch this optimizer step trains on
+        epoch, in_epoch = divmod(data_step, self.steps_per_epoch)
         order = self.epoch_order(epoch)
         for micro in range(self.cfg.accumulation_steps):
             start = (in_epoch * self.cfg.accumulation_steps + micro) * self.micro_local
             index = order[start : start + self.micro_local]
             rows = slice(micro * self.micro_global + self.rank, (micro + 1) * self.micro_global, self.world)
-            generator = torch.Generator().manual_seed(step_seed(self.seed, step))
+            generator = torch.Generator().manual_seed(step_seed(self.seed, data_step))
             labels = None if self.labels is None else torch.from_numpy(self.labels[index]).to(self.device)
             yield Batch(self.load_images(index), labels, rows, self.cfg.batch_size, generator, step)
 
@@ -301,6 +315,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "history": self.history,
+                "extra": self.extra_state(),
                 "rng": {
                     "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -324,6 +339,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.history = list(state["history"])
+        self.load_extra_state(state.get("extra", {}))
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])

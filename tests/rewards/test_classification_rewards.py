@@ -89,7 +89,7 @@ def test_grpo_learns_the_abstain_threshold(scale: str, threshold: float) -> None
         actions = torch.multinomial(log_probs.detach().exp(), group, replacement=True, generator=generator)
         advantages = group_advantages(rewards_of(table, actions, labels), scale=scale)
         logp = log_probs.gather(1, actions)
-        loss = grpo_loss(logp, logp.detach(), None, advantages)["loss"]
+        loss = grpo_loss(logp, logp.detach(), advantages)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
