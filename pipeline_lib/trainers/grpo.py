@@ -16,12 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline_lib.config import RLParams
-from pipeline_lib.losses.grpo import group_advantages, grpo_loss, k3_kl
+from pipeline_lib.losses.grpo import expected_reward_loss, group_advantages, grpo_loss, k3_kl
 from pipeline_lib.rewards.classification import rewards_of
-from pipeline_lib.rl.policy import AbstainClassifier, log_policy, sample_actions
+from pipeline_lib.rl.policy import AbstainClassifier, class_kl, log_policy, sample_actions
 from pipeline_lib.trainers.base import Batch, Trainer
 
 
@@ -129,3 +130,38 @@ class GRPOTrainer(Trainer):
         chosen = actions.clamp(max=classes - 1)
         kl = k3_kl(policy.gather(1, chosen), reference.gather(1, chosen))
         return torch.where(is_class, kl, torch.zeros_like(kl))
+
+
+class ExpectedRewardTrainer(GRPOTrainer):
+    """Baseline: the exact expected reward sum_a pi(a|x) R[a, y], maximised directly with the same budget.
+
+    With every action enumerable this is the objective GRPO estimates from G samples, without the sampling
+    noise; the same KL weight keeps it near the reference (exact class KL instead of the k3 estimate).
+    """
+
+    stage = "rl_expected_reward"
+
+    def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
+        cfg: RLParams = self.cfg  # type: ignore[assignment]
+        images = self.normalize(batch.images)
+        logits = self.forward_model(images)
+        log_probs = log_policy(logits, cfg.temperature)
+        rewards = self.table[:, batch.labels].T  # (b, A): the reward of every action for each image
+        loss = expected_reward_loss(log_probs, rewards)
+        with torch.no_grad():
+            reference = self.reference(images)
+        kl = class_kl(logits, reference, cfg.temperature).mean()
+        return {"loss": loss + cfg.beta * kl, "reward": -loss.detach(), "kl": kl.detach()}
+
+
+class CrossEntropyTrainer(GRPOTrainer):
+    """Control: plain cross-entropy on the same `rl` labels and budget (the Bayes rule decides afterwards).
+
+    If RL only helps because it saw more labels, this matches it.
+    """
+
+    stage = "rl_cross_entropy"
+
+    def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
+        logits = self.forward_model(self.normalize(batch.images))
+        return {"loss": F.cross_entropy(logits[:, : self.num_classes].float(), batch.labels)}

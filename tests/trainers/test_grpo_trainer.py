@@ -17,7 +17,7 @@ from pipeline_lib.models.preprocess import Preprocess
 from pipeline_lib.rewards.classification import abstain_table, accuracy_table
 from pipeline_lib.rl.policy import AbstainClassifier
 from pipeline_lib.tracking import Tracker
-from pipeline_lib.trainers.grpo import GRPOTrainer
+from pipeline_lib.trainers.grpo import CrossEntropyTrainer, ExpectedRewardTrainer, GRPOTrainer
 
 TINY_VIT = ModelParams(name="vit", patch_size=2, embed_dim=32, depth=2, num_heads=2)
 STEP_METRICS = {"loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "clip_ratio", "grad_norm",
@@ -32,7 +32,7 @@ def _data(count: int = 32) -> tuple[np.ndarray, np.ndarray]:
     return images.astype(np.uint8), labels
 
 
-def _trainer(root: Path, *, abstain: bool = True, **rl: object) -> GRPOTrainer:
+def _trainer(root: Path, *, abstain: bool = True, cls: type[GRPOTrainer] = GRPOTrainer, **rl: object) -> GRPOTrainer:
     torch.manual_seed(0)
     classifier = attach_head(build_encoder(TINY_VIT, in_chans=1, img_size=8, drop_path_rate=0.2), 4)
     reference = copy.deepcopy(classifier)
@@ -40,7 +40,7 @@ def _trainer(root: Path, *, abstain: bool = True, **rl: object) -> GRPOTrainer:
     table = abstain_table(4) if abstain else accuracy_table(4)
     cfg = params_from_dict({"rl": {"epochs": 2, "batch_size": 8, "log_every": 1, "group_size": 4, **rl}}).rl
     images, labels = _data()
-    return GRPOTrainer(policy, cfg, images, Preprocess([0.5], [0.25], 8), reference=reference,
+    return cls(policy, cfg, images, Preprocess([0.5], [0.25], 8), reference=reference,
                        table=torch.tensor(table), labels=labels, device=torch.device("cpu"), seed=0,
                        checkpoint_dir=root / "ck", tracker=Tracker(), fingerprint="grpo")
 
@@ -85,3 +85,17 @@ def test_reward_rises_on_the_images_it_trains_on(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, abstain=False, epochs=15, base_lr=0.5, beta=0.0)
     rewards = [h["reward"] for h in trainer.fit().history]
     assert np.mean(rewards[-8:]) > np.mean(rewards[:8]) + 0.2, rewards
+
+
+def test_baselines_train_with_the_same_budget(tmp_path: Path) -> None:
+    """The exact expected-reward objective raises the reward; cross-entropy lowers its loss; both take as many
+    optimizer steps on the same batches as GRPO."""
+    grpo_steps = _trainer(tmp_path / "grpo", num_iterations=2).total_steps
+    expected = _trainer(tmp_path / "expected", cls=ExpectedRewardTrainer, num_iterations=2, epochs=8, base_lr=0.5)
+    cross_entropy = _trainer(tmp_path / "ce", abstain=False, cls=CrossEntropyTrainer, num_iterations=2, epochs=8,
+                             base_lr=0.5)
+    assert _trainer(tmp_path / "e2", cls=ExpectedRewardTrainer, num_iterations=2).total_steps == grpo_steps
+    rewards = [h["reward"] for h in expected.fit().history]
+    assert np.mean(rewards[-4:]) > np.mean(rewards[:4]) + 0.2, rewards
+    losses = [h["loss"] for h in cross_entropy.fit().history]
+    assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4]), losses
