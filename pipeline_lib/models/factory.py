@@ -61,8 +61,12 @@ def save_network(network: nn.Module, preprocess: Preprocess, model: ModelParams,
                  weights: str = ENCODER_FILE, **extra: Any) -> dict[str, Any]:
     """Write the weights (file name `weights`) and `config.json` into `folder`; return the config.
 
-    `network` is an encoder (`num_classes` 0) or the same encoder with a classification head.
+    `network` is an encoder (`num_classes` 0), the same encoder with a classification head, or such a
+    classifier with an abstain action (`AbstainClassifier`; config `abstain: true`, one more output).
     """
+    from pipeline_lib.rl.policy import AbstainClassifier
+
+    extra.setdefault("abstain", isinstance(network, AbstainClassifier))
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in network.state_dict().items()}
     save_file(state, folder / weights)
@@ -80,7 +84,8 @@ def save_network(network: nn.Module, preprocess: Preprocess, model: ModelParams,
 
 
 def load_network(folder: Path, *, drop_path_rate: float = 0.0) -> tuple[nn.Module, Preprocess, dict[str, Any]]:
-    """Rebuild an exported encoder or classifier in eval mode, with its preprocessing and config.
+    """Rebuild an exported encoder or classifier (with abstain, when it has one) in eval mode, with its
+    preprocessing and config.
 
     `drop_path_rate` only matters to a caller that trains the network further (stochastic depth is not
     stored: it has no weights).
@@ -96,6 +101,10 @@ def load_network(folder: Path, *, drop_path_rate: float = 0.0) -> tuple[nn.Modul
     network = build_encoder(model, in_chans=in_chans, img_size=model.img_size, drop_path_rate=drop_path_rate)
     if config.get("num_classes", 0):
         network.reset_classifier(config["num_classes"])
+    if config.get("abstain"):
+        from pipeline_lib.rl.policy import AbstainClassifier
+
+        network = AbstainClassifier(network)
     network.load_state_dict(load_file(folder / config.get("weights", ENCODER_FILE)))
     preprocess = Preprocess(**config["preprocess"])
     return network.eval(), preprocess.eval(), config

@@ -31,6 +31,7 @@ class AbstainClassifier(nn.Module):
             if not hasattr(classifier, name):
                 raise ValueError(f"{type(classifier).__name__} has no timm classifier interface ({name})")
         self.classifier = classifier
+        self.num_classes, self.num_features = classifier.num_classes, classifier.num_features  # as timm's
         self.abstain = nn.Linear(classifier.num_features, 1)
         nn.init.zeros_(self.abstain.weight)
         nn.init.constant_(self.abstain.bias, math.log(init_prob / (1 - init_prob)))

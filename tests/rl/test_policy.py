@@ -66,3 +66,20 @@ def test_class_kl_by_hand_and_with_temperature() -> None:
 def test_bad_init_prob_is_refused(classifier: torch.nn.Module) -> None:
     with pytest.raises(ValueError, match=r"init_prob=1\.0"):
         AbstainClassifier(classifier, init_prob=1.0)
+
+
+def test_abstain_classifier_saves_and_loads(classifier: torch.nn.Module, tmp_path) -> None:
+    from pipeline_lib.models.factory import CLASSIFIER_FILE, load_network, save_network
+    from pipeline_lib.models.preprocess import Preprocess
+
+    policy = AbstainClassifier(classifier).eval()
+    torch.nn.init.normal_(policy.abstain.weight)
+    model = ModelParams(name="vit", patch_size=2, embed_dim=32, depth=2, num_heads=2) if hasattr(
+        classifier, "patch_embed") else ModelParams(name="resnet18", patch_size=None)
+    config = save_network(policy, Preprocess([0.5], [0.25], 8), model, tmp_path, in_chans=1, weights=CLASSIFIER_FILE)
+    assert config["abstain"] is True and config["num_classes"] == 10
+    loaded, _, _ = load_network(tmp_path)
+    images = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(loaded(images), policy(images), atol=1e-6)
+    assert isinstance(loaded, AbstainClassifier)
