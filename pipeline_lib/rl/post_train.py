@@ -1,0 +1,262 @@
+"""The rl stage: GRPO post-training of the finetuned classifier against the declared reward, with baselines.
+
+Trains on the `rl` split only: GRPO from the finetuned classifier (the frozen reference), and with the same
+budget the exact expected-reward objective and plain cross-entropy (the control for "RL only helped because
+it saw more labels", decided by the Bayes rule afterwards). Reports on `test`, reference against
+post-trained: reward of greedy and of sampled actions, accuracy, coverage and selective risk, NLL and ECE of
+the class distribution (renormalised without abstain), exact KL to the reference, and the area under the
+risk-coverage curve; the Bayes rule on the reference's probabilities is the bar to clear.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline_lib import dist
+from pipeline_lib.config import Params, RewardParams, flatten, params_hash
+from pipeline_lib.data.download import DataError
+from pipeline_lib.data.store import Split, prepared_digest, read_split
+from pipeline_lib.eval.evaluate import predict_probabilities
+from pipeline_lib.eval.metrics import classification_metrics
+from pipeline_lib.models.factory import CLASSIFIER_FILE, load_network, save_network
+from pipeline_lib.outputs import staged_dir
+from pipeline_lib.rewards.classification import abstain_table, accuracy_table, bayes_actions, cost_table
+from pipeline_lib.rl.decisions import decision_report, risk_coverage
+from pipeline_lib.rl.policy import AbstainClassifier
+from pipeline_lib.tracking import Tracker, read_run_record, write_json_atomic, write_run_record
+from pipeline_lib.trainers.base import code_digest
+from pipeline_lib.trainers.finetune import encoder_digest
+from pipeline_lib.trainers.grpo import CrossEntropyTrainer, ExpectedRewardTrainer, GRPOTrainer
+
+
+@dataclass
+class RLPaths:
+    """Where the rl stage reads and writes (all from dvc.yaml)."""
+
+    data: Path
+    classifier: Path
+    out: Path
+    metrics: Path
+    plots: Path
+    checkpoints: Path
+
+
+def reward_table(reward: RewardParams, num_classes: int) -> np.ndarray:
+    """The declared reward as R[action, label]; a cost matrix given as a CSV path is read here."""
+    if reward.type == "accuracy":
+        return accuracy_table(num_classes)
+    if reward.type == "abstain":
+        return abstain_table(num_classes, correct=reward.correct, wrong=reward.wrong, abstain=reward.abstain)
+    matrix: Any = reward.cost_matrix
+    if isinstance(matrix, str):
+        path = Path(matrix)
+        if not path.is_file():
+            raise FileNotFoundError(f"rl.reward.cost_matrix={matrix!r}: no such CSV file")
+        try:
+            matrix = np.loadtxt(path, delimiter=",", ndmin=2)
+        except ValueError as err:
+            raise ValueError(f"rl.reward.cost_matrix={matrix!r}: not a CSV of numbers ({err})") from err
+    return cost_table(matrix, num_classes)
+
+
+def logged_params(params: Params) -> dict[str, Any]:
+    """The flat params the rl stage declares in dvc.yaml, as MLflow logs them."""
+    return {"seed": params.seed, "device": params.device, **flatten(params.rl, prefix="rl.")}
+
+
+def fingerprint(params: Params, paths: RLPaths) -> str:
+    """Identifies an rl run for resuming: params, data, the classifier it starts from, library code."""
+    return params_hash({**logged_params(params), "data": prepared_digest(paths.data),
+                        "classifier": encoder_digest(paths.classifier), "code": code_digest()})
+
+
+def policy_probabilities(model: nn.Module, preprocess: nn.Module, images: np.ndarray, temperature: float,
+                         device: torch.device) -> np.ndarray:
+    """(N, A) pi(a | x) = softmax(logits / temperature), float64."""
+    probs = predict_probabilities(model, preprocess, images, device=device)
+    if temperature == 1.0:
+        return probs
+    scaled = np.log(np.clip(probs, 1e-300, None)) / temperature
+    scaled = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+    return scaled / scaled.sum(axis=1, keepdims=True)
+
+
+def policy_report(probs: np.ndarray, reference: np.ndarray, test: Split, table: np.ndarray, *,
+                  num_bins: int, class_names: list[str], actions: np.ndarray | None = None) -> dict[str, Any]:
+    """A model's decisions and class probabilities on test. `actions` None: the policy's greedy actions."""
+    classes = len(class_names)
+    labels = np.asarray(test.labels)
+    class_probs = probs[:, :classes] / probs[:, :classes].sum(axis=1, keepdims=True)
+    greedy = probs.argmax(axis=1) if actions is None else actions
+    report = decision_report(greedy, labels, table, probs if actions is None else None)
+    metrics = classification_metrics(class_probs, labels, class_names, num_bins=num_bins)
+    kl = (class_probs * (np.log(np.clip(class_probs, 1e-300, None)) - np.log(np.clip(reference, 1e-300, None))))
+    confidence = 1 - probs[:, classes] if probs.shape[1] > classes else class_probs.max(axis=1)
+    _, _, aurc = risk_coverage(confidence, class_probs.argmax(axis=1) == labels)
+    return {**report, "class_top1": metrics["top1"], "nll": metrics["nll"], "ece": metrics["ece"],
+            "kl_to_reference": float(kl.sum(axis=1).mean()), "aurc": aurc}
+
+
+def run_rl(params: Params, paths: RLPaths, tracker: Tracker, device: torch.device) -> dict[str, Any]:
+    """Post-train with GRPO and train both baselines (resuming matching checkpoints); rank 0 reports on test
+    and writes every out."""
+    cfg = params.rl
+    rl, test = read_split(paths.data, "rl"), read_split(paths.data, "test")
+    for name, split in (("rl", rl), ("test", test)):
+        if split.labels is None or len(split) == 0:
+            raise DataError(f"{paths.data}/{name} has no labeled images: set data.rl_fraction > 0")
+    reference, preprocess, config = load_network(paths.classifier)
+    if not config.get("num_classes") or config.get("abstain"):
+        raise ValueError(f"{paths.classifier} is not a finetuned classifier (config.json num_classes, no abstain)")
+    class_names = list(config["class_names"])
+    table = reward_table(cfg.reward, len(class_names))  # shape errors before any training
+    abstains = table.shape[0] > len(class_names)
+    images, labels = rl.images, np.asarray(rl.labels)
+    runs: dict[str, tuple[nn.Module, float, list[dict[str, float]]]] = {}
+    for name, cls in (("grpo", GRPOTrainer), ("expected_reward", ExpectedRewardTrainer),
+                      ("cross_entropy", CrossEntropyTrainer)):
+        torch.manual_seed(params.seed)  # the same abstain head on every process
+        policy = copy.deepcopy(reference)
+        if abstains and cls is not CrossEntropyTrainer:
+            policy = AbstainClassifier(policy)
+        tracked = tracker if name == "grpo" else Tracker()  # only GRPO's curves go to the stage's run
+        trainer = cls(policy, cfg, images, preprocess, reference=copy.deepcopy(reference),
+                      table=torch.as_tensor(table), labels=labels, device=device, seed=params.seed,
+                      checkpoint_dir=paths.checkpoints / name, tracker=tracked, fingerprint=fingerprint(params, paths))
+        if dist.is_main() and name == "grpo":
+            print(f"rl: GRPO on {len(rl)} rl images, reward {cfg.reward.type}, G={cfg.group_size}, "
+                  f"{trainer.total_steps} steps, lr {trainer.lr:.2e}, {dist.world_size()} process(es) on {device}")
+        started = time.perf_counter()
+        result = trainer.fit()
+        runs[name] = (trainer.model, time.perf_counter() - started, result.history)
+    if not dist.is_main():
+        return {}
+    summary, rows = report(params, test, table, class_names, reference, preprocess, runs, device)
+    write_outputs(params, paths, runs["grpo"][0], preprocess, summary, rows, tracker, class_names=class_names)
+    return summary
+
+
+def report(params: Params, test: Split, table: np.ndarray, class_names: list[str], reference: nn.Module,
+           preprocess: nn.Module, runs: dict[str, Any], device: torch.device,
+           ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """metrics/rl.json (reference and post-trained on test, the three baselines, gains, budgets) and the
+    risk-coverage rows."""
+    cfg, bins = params.rl, params.evaluate.calibration_bins
+    images, extra = test.images, table.shape[0] - len(class_names)
+    ref_probs = predict_probabilities(reference, preprocess, images, device=device)
+    ref_policy = policy_probabilities(reference, preprocess, images, cfg.temperature, device)
+    ref_policy = np.pad(ref_policy, ((0, 0), (0, extra)))  # the reference never abstains
+    options = {"num_bins": bins, "class_names": class_names}
+    ref_bayes = bayes_actions(torch.as_tensor(ref_probs), torch.as_tensor(table)).numpy()
+    reports = {"reference": policy_report(ref_policy, ref_probs, test, table, **options),
+               "bayes_reference": policy_report(ref_policy, ref_probs, test, table, actions=ref_bayes, **options)}
+    policies = {name: policy_probabilities(runs[name][0], preprocess, images, cfg.temperature, device)
+                for name in ("grpo", "expected_reward")}
+    for name, probs in policies.items():
+        reports[name] = policy_report(probs, ref_probs, test, table, **options)
+    ce_probs = predict_probabilities(runs["cross_entropy"][0], preprocess, images, device=device)
+    ce_actions = bayes_actions(torch.as_tensor(ce_probs), torch.as_tensor(table)).numpy()
+    reports["cross_entropy_bayes"] = policy_report(np.pad(ce_probs, ((0, 0), (0, extra))), ref_probs, test, table,
+                                                   actions=ce_actions, **options)
+    post, before = reports.pop("grpo"), reports.pop("reference")
+    rows = curves(ref_policy, policies["grpo"], np.asarray(test.labels), len(class_names))
+    return {
+        "reward": {"type": cfg.reward.type},
+        "reference": before,
+        "post_trained": post,
+        "baselines": reports,
+        "gain": {"reward_greedy": post["reward_greedy"] - before["reward_greedy"],
+                 "reward_greedy_over_bayes": post["reward_greedy"] - reports["bayes_reference"]["reward_greedy"],
+                 "reward_greedy_over_cross_entropy": post["reward_greedy"]
+                 - reports["cross_entropy_bayes"]["reward_greedy"]},
+        "train_seconds": {name: round(seconds, 2) for name, (_, seconds, _) in runs.items()},
+        "test_images": len(test),
+    }, rows
+
+
+def curves(reference: np.ndarray, post: np.ndarray, labels: np.ndarray, classes: int) -> list[dict[str, Any]]:
+    """Risk-coverage rows (model, coverage, risk) of the reference and the post-trained policy on test."""
+    rows = []
+    for name, probs in (("reference", reference), ("post_trained", post)):
+        class_probs = probs[:, :classes] / probs[:, :classes].sum(axis=1, keepdims=True)
+        confidence = 1 - probs[:, classes] if probs.shape[1] > classes else class_probs.max(axis=1)
+        coverage, risk, _ = risk_coverage(confidence, class_probs.argmax(axis=1) == labels)
+        rows += [{"model": name, "coverage": c, "risk": r} for c, r in zip(coverage, risk, strict=True)]
+    return rows
+
+
+def write_outputs(params: Params, paths: RLPaths, model: nn.Module, preprocess: nn.Module, summary: dict[str, Any],
+                  rows: list[dict[str, Any]], tracker: Tracker, *, class_names: list[str]) -> None:
+    """Post-trained classifier + config, metrics, the before/after table; registered as a new classifier
+    version (alias challenger) with lineage to the finetuned version."""
+    import json
+
+    import matplotlib.pyplot as plt
+
+    from pipeline_lib.eval.plots import write_csv
+    from pipeline_lib.registry import register_model
+    from pipeline_lib.serving import ClassifierModel
+
+    upstream = read_run_record(paths.classifier)
+    source = json.loads((paths.classifier / "config.json").read_text())
+    with staged_dir(paths.out) as out:
+        save_network(model, preprocess, params.model, out, in_chans=int(source["model"]["in_chans"]),
+                     weights=CLASSIFIER_FILE, class_names=class_names, reward=params.rl.reward.type,
+                     finetuned={"sha256": encoder_digest(paths.classifier), "run_id": upstream.get("run_id"),
+                                "model_name": upstream.get("model_name"),
+                                "model_version": upstream.get("model_version")},
+                     data_digest=prepared_digest(paths.data))
+    with staged_dir(paths.plots) as plots:
+        write_csv(plots / "risk_coverage.csv", rows, ["model", "coverage", "risk"])
+        figure = risk_coverage_figure(rows)
+        figure.savefig(plots / "risk_coverage.png", dpi=100)
+    tracker.log_metrics(flat_metrics(summary))
+    tracker.log_dict(summary, "rl_report.json")
+    tracker.log_figure(figure, "risk_coverage.png")
+    plt.close(figure)
+    tracker.flush()
+    version = None
+    if tracker.run_id is not None:
+        example = np.asarray(read_split(paths.data, "test").images[:2])
+        version = register_model(ClassifierModel(), paths.out, name=params.tracking.classifier_model,
+                                 artifact_name="classifier", input_example=example, tags=tracker.lineage)
+    write_run_record(paths.out / "run.json", tracker, model_name=params.tracking.classifier_model,
+                     model_version=version)
+    write_json_atomic(paths.metrics, summary)
+
+
+def risk_coverage_figure(rows: list[dict[str, Any]]) -> Any:
+    """Selective risk against coverage, reference and post-trained (answering the most confident first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(4.5, 3.5))
+    for name in dict.fromkeys(row["model"] for row in rows):
+        points = [(row["coverage"], row["risk"]) for row in rows if row["model"] == name]
+        axis.plot(*zip(*points, strict=True), label=name)
+    axis.set(xlabel="coverage", ylabel="selective risk", xlim=(0, 1), title="risk-coverage on test")
+    axis.legend()
+    figure.tight_layout()
+    return figure
+
+
+def flat_metrics(summary: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of the report as dotted MLflow metric names (`post_trained.reward_greedy`, ...)."""
+    flat: dict[str, float] = {}
+    for key, value in summary.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_metrics(value, prefix=f"{name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
