@@ -28,26 +28,16 @@ from sklearn.model_selection import train_test_split
 from pipeline_lib.config import params_from_dict
 from pipeline_lib.data.store import read_split
 from pipeline_lib.eval.evaluate import predict_probabilities
+from pipeline_lib.models.classifier import AbstainClassifier
 from pipeline_lib.models.factory import load_network
-from pipeline_lib.rewards.classification import abstain_table, accuracy_table, bayes_actions, cost_table
+from pipeline_lib.rewards.classification import bayes_actions
 from pipeline_lib.rl.decisions import decision_report
-from pipeline_lib.rl.policy import AbstainClassifier
+from pipeline_lib.rl.post_train import reward_table
 from pipeline_lib.tracking import Tracker
 from pipeline_lib.trainers.grpo import CrossEntropyTrainer, ExpectedRewardTrainer, GRPOTrainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from finetune_cv import override
-
-
-def reward_table(reward, num_classes: int) -> np.ndarray:
-    if reward.type == "accuracy":
-        return accuracy_table(num_classes)
-    if reward.type == "abstain":
-        return abstain_table(num_classes, correct=reward.correct, wrong=reward.wrong, abstain=reward.abstain)
-    matrix = reward.cost_matrix
-    if isinstance(matrix, str):
-        matrix = np.loadtxt(matrix, delimiter=",", ndmin=2)
-    return cost_table(matrix, num_classes)
 
 
 def main() -> None:
@@ -74,11 +64,11 @@ def main() -> None:
     def scored(name: str, actions: np.ndarray, probs: np.ndarray | None, seconds: float) -> None:
         report = decision_report(actions, labels[held_out], table, probs)
         risk = report["selective_risk"]
-        print(f"{name:<18}{report['reward_greedy']:>9.4f}{report['reward_sampled']:>9.4f}{report['accuracy']:>9.4f}"
+        print(f"{name:<20}{report['reward_greedy']:>9.4f}{report['reward_sampled']:>9.4f}{report['accuracy']:>9.4f}"
               f"{report['coverage']:>9.4f}{'-' if risk is None else f'{risk:.4f}':>9}{seconds:>8.1f}")
 
     print(f"reward {cfg.reward.type}, train {len(train)} / score {len(held_out)} rl images, overrides {args.overrides}")
-    print(f"{'model':<18}{'greedy':>9}{'sampled':>9}{'accuracy':>9}{'coverage':>9}{'risk':>9}{'sec':>8}")
+    print(f"{'model':<20}{'greedy':>9}{'sampled':>9}{'accuracy':>9}{'coverage':>9}{'risk':>9}{'sec':>8}")
     ref_probs = predict_probabilities(reference, preprocess, images[held_out], device=device)
     padded = np.pad(ref_probs, ((0, 0), (0, table.shape[0] - num_classes)))  # the reference never abstains
     scored("reference", ref_probs.argmax(1), padded, 0.0)

@@ -437,9 +437,9 @@ class RLParams(TrainParams):
     section: ClassVar[str] = "rl"
 
     reward: RewardParams = dataclasses.field(default_factory=RewardParams)
-    epochs: int = 20
+    epochs: int = 50
     batch_size: int = 32
-    base_lr: float = 1.0e-3
+    base_lr: float = 1.0e-2
     adam_beta2: float = 0.999
     warmup_epochs: float = 0.0
     weight_decay: float = 0.0

@@ -19,6 +19,7 @@ from torch import nn
 
 from pipeline_lib.config import ModelParams
 from pipeline_lib.models.backbone import feature_dim
+from pipeline_lib.models.classifier import AbstainClassifier
 from pipeline_lib.models.preprocess import Preprocess
 
 ENCODER_FILE = "encoder.safetensors"
@@ -64,8 +65,6 @@ def save_network(network: nn.Module, preprocess: Preprocess, model: ModelParams,
     `network` is an encoder (`num_classes` 0), the same encoder with a classification head, or such a
     classifier with an abstain action (`AbstainClassifier`; config `abstain: true`, one more output).
     """
-    from pipeline_lib.rl.policy import AbstainClassifier
-
     extra.setdefault("abstain", isinstance(network, AbstainClassifier))
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in network.state_dict().items()}
@@ -102,8 +101,6 @@ def load_network(folder: Path, *, drop_path_rate: float = 0.0) -> tuple[nn.Modul
     if config.get("num_classes", 0):
         network.reset_classifier(config["num_classes"])
     if config.get("abstain"):
-        from pipeline_lib.rl.policy import AbstainClassifier
-
         network = AbstainClassifier(network)
     network.load_state_dict(load_file(folder / config.get("weights", ENCODER_FILE)))
     preprocess = Preprocess(**config["preprocess"])

@@ -26,11 +26,11 @@ from pipeline_lib.data.download import DataError
 from pipeline_lib.data.store import Split, prepared_digest, read_split
 from pipeline_lib.eval.evaluate import predict_probabilities
 from pipeline_lib.eval.metrics import classification_metrics
+from pipeline_lib.models.classifier import AbstainClassifier
 from pipeline_lib.models.factory import CLASSIFIER_FILE, load_network, save_network
 from pipeline_lib.outputs import staged_dir
 from pipeline_lib.rewards.classification import abstain_table, accuracy_table, bayes_actions, cost_table
 from pipeline_lib.rl.decisions import decision_report, risk_coverage
-from pipeline_lib.rl.policy import AbstainClassifier
 from pipeline_lib.tracking import Tracker, read_run_record, write_json_atomic, write_run_record
 from pipeline_lib.trainers.base import code_digest
 from pipeline_lib.trainers.finetune import encoder_digest
@@ -102,7 +102,7 @@ def policy_report(probs: np.ndarray, reference: np.ndarray, test: Split, table: 
     confidence = 1 - probs[:, classes] if probs.shape[1] > classes else class_probs.max(axis=1)
     _, _, aurc = risk_coverage(confidence, class_probs.argmax(axis=1) == labels)
     return {**report, "class_top1": metrics["top1"], "nll": metrics["nll"], "ece": metrics["ece"],
-            "kl_to_reference": float(kl.sum(axis=1).mean()), "aurc": aurc}
+            "kl_to_reference": max(0.0, float(kl.sum(axis=1).mean())), "aurc": aurc}  # >= 0 up to rounding
 
 
 def run_rl(params: Params, paths: RLPaths, tracker: Tracker, device: torch.device) -> dict[str, Any]:

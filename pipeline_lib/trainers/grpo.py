@@ -21,8 +21,9 @@ from torch import Tensor, nn
 
 from pipeline_lib.config import RLParams
 from pipeline_lib.losses.grpo import expected_reward_loss, group_advantages, grpo_loss, k3_kl
+from pipeline_lib.models.classifier import AbstainClassifier
 from pipeline_lib.rewards.classification import rewards_of
-from pipeline_lib.rl.policy import AbstainClassifier, class_kl, log_policy, sample_actions
+from pipeline_lib.rl.policy import class_kl, log_policy, sample_actions
 from pipeline_lib.trainers.base import Batch, Trainer
 
 

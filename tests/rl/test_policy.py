@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline_lib.config import ModelParams
-from pipeline_lib.models.classifier import attach_head
+from pipeline_lib.models.classifier import AbstainClassifier, attach_head
 from pipeline_lib.models.factory import build_encoder
-from pipeline_lib.rl.policy import AbstainClassifier, class_kl, log_policy, sample_actions
+from pipeline_lib.rl.policy import class_kl, log_policy, sample_actions
 
 
 @pytest.fixture(params=["vit", "resnet18"])

@@ -11,8 +11,8 @@ import torch
 
 from pipeline_lib.config import DataParams, Params, params_from_dict
 from pipeline_lib.data.prepare import prepare_dataset
+from pipeline_lib.models.classifier import AbstainClassifier
 from pipeline_lib.models.factory import load_network
-from pipeline_lib.rl.policy import AbstainClassifier
 from pipeline_lib.rl.post_train import RLPaths, run_rl
 from pipeline_lib.tracking import Tracker
 from pipeline_lib.trainers.finetune import FinetunePaths, run_finetune

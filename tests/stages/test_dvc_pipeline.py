@@ -44,6 +44,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
                               decoder_num_heads=2, checkpoint_every=4, log_every=2, knn_k=5)
     params["finetune"].update(epochs=2, batch_size=8, warmup_epochs=1.0, log_every=1)
     params["evaluate"].update(knn_k=5)
+    params["rl"].update(epochs=1, batch_size=8, group_size=4, log_every=1)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(repo, "git", "init", "-q")
     _run(repo, "git", "add", "-A")
@@ -64,8 +65,10 @@ def test_repro_then_noop_then_experiment(repo: Path) -> None:
     assert _labeled_count(repo) == 16  # 10% of the 160 training images left after the 20% test split
     _check_pretrain_outputs(repo, fetch_run=first_run)
     _check_finetune_and_evaluate(repo)
+    _check_rl(repo)
     shown = _run(repo, "dvc", "metrics", "show")
-    for key in ("ssl.top1", "scratch.top1", "gain.top1", "encoder.knn_top1", "encoder.linear_probe_top1"):
+    for key in ("ssl.top1", "scratch.top1", "gain.top1", "encoder.knn_top1", "encoder.linear_probe_top1",
+                "post_trained.reward_greedy", "baselines.bayes_reference.reward_greedy"):
         assert key in shown, key
 
     second = _run(repo, "dvc", "repro")
@@ -118,8 +121,7 @@ def _check_finetune_and_evaluate(repo: Path) -> None:
     uri = f"sqlite:///{repo}/mlflow.db"
     client = mlflow.MlflowClient(uri)
     record = json.loads((repo / "models/finetune/run.json").read_text())
-    version = client.get_model_version_by_alias("ssl-pipeline-classifier", "challenger")
-    assert int(version.version) == record["model_version"]
+    version = client.get_model_version("ssl-pipeline-classifier", str(record["model_version"]))
     encoder = json.loads((repo / "models/pretrain/run.json").read_text())
     assert version.tags["encoder.model_version"] == str(encoder["model_version"])
     assert version.tags["upstream.pretrain.run_id"] == encoder["run_id"]
@@ -129,13 +131,38 @@ def _check_finetune_and_evaluate(repo: Path) -> None:
     assert scratch.data.metrics["test.top1"] == summary["scratch"]["top1"]
 
     mlflow.set_tracking_uri(uri)
-    model = mlflow.pyfunc.load_model("models:/ssl-pipeline-classifier@challenger")
+    model = mlflow.pyfunc.load_model(f"models:/ssl-pipeline-classifier/{record['model_version']}")
     images = np.load(repo / "data/prepared/test/images.npy")
     probabilities = model.predict(images)
     assert probabilities.shape == (len(images), 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
     assert np.mean(probabilities.argmax(axis=1) == np.load(repo / "data/prepared/test/labels.npy")) == (
         summary["ssl"]["top1"])
+
+
+def _check_rl(repo: Path) -> None:
+    """The post-trained classifier is the newest challenger, traced to the finetuned version, with an abstain
+    column; the report holds before/after and the baselines."""
+    report = json.loads((repo / "metrics/rl.json").read_text())
+    assert set(report["baselines"]) == {"bayes_reference", "expected_reward", "cross_entropy_bayes"}
+    assert (repo / "plots/rl/risk_coverage.csv").is_file() and (repo / "plots/rl/risk_coverage.png").is_file()
+    uri = f"sqlite:///{repo}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    record = json.loads((repo / "models/rl/run.json").read_text())
+    finetuned = json.loads((repo / "models/finetune/run.json").read_text())
+    version = client.get_model_version_by_alias("ssl-pipeline-classifier", "challenger")
+    assert int(version.version) == record["model_version"] == finetuned["model_version"] + 1
+    assert version.tags["finetuned.model_version"] == str(finetuned["model_version"])
+    assert version.tags["upstream.finetune.run_id"] == finetuned["run_id"]
+    run = client.get_run(record["run_id"])
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "clip_ratio", "grad_norm", "lr"):
+        assert key in run.data.metrics, key
+    assert run.data.metrics["post_trained.reward_greedy"] == report["post_trained"]["reward_greedy"]
+    mlflow.set_tracking_uri(uri)
+    images = np.load(repo / "data/prepared/test/images.npy")
+    probabilities = mlflow.pyfunc.load_model("models:/ssl-pipeline-classifier@challenger").predict(images)
+    assert probabilities.shape == (len(images), 11)  # ten classes, then abstain
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
 def _check_pretrain_outputs(repo: Path, fetch_run: str) -> None:

@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from pipeline_lib.config import ModelParams, params_from_dict
-from pipeline_lib.models.classifier import attach_head
+from pipeline_lib.models.classifier import AbstainClassifier, attach_head
 from pipeline_lib.models.factory import build_encoder
 from pipeline_lib.models.preprocess import Preprocess
 from pipeline_lib.rewards.classification import abstain_table, accuracy_table
-from pipeline_lib.rl.policy import AbstainClassifier
 from pipeline_lib.tracking import Tracker
 from pipeline_lib.trainers.grpo import CrossEntropyTrainer, ExpectedRewardTrainer, GRPOTrainer
 
