@@ -73,6 +73,18 @@ def test_accuracy_reward_has_no_abstain(finetuned: tuple[Path, Path], tmp_path: 
     assert not load_network(paths.out)[2]["abstain"]
 
 
+def test_cost_matrix_from_a_csv(finetuned: tuple[Path, Path], tmp_path: Path) -> None:
+    paths = _paths(finetuned, tmp_path)
+    costs = tmp_path / "costs.csv"
+    matrix = 1 - np.eye(10)
+    matrix[3, 8] = 10.0  # calling a true 3 an 8 is expensive
+    np.savetxt(costs, matrix, delimiter=",")
+    params = tiny_params(reward={"type": "cost_matrix", "cost_matrix": str(costs)})
+    summary = run_rl(params, paths, Tracker(), torch.device("cpu"))
+    assert summary["reward"]["type"] == "cost_matrix" and summary["post_trained"]["coverage"] == 1.0
+    assert -10.0 <= summary["post_trained"]["reward_greedy"] <= 0.0  # rewards are minus costs
+
+
 def test_cost_matrix_of_the_wrong_shape_fails_before_training(finetuned: tuple[Path, Path], tmp_path: Path) -> None:
     paths = _paths(finetuned, tmp_path)
     costs = tmp_path / "costs.csv"
