@@ -23,24 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from sklearn.model_selection import RepeatedStratifiedKFold
 
-from pipeline_lib.config import params_from_dict
+from pipeline_lib.config import load_params
 from pipeline_lib.data.store import read_split
 from pipeline_lib.eval.evaluate import predict_probabilities
 from pipeline_lib.tracking import Tracker
 from pipeline_lib.trainers.finetune import FinetunePaths, FinetuneTrainer, build_classifier
-
-
-def override(raw: dict, assignment: str) -> None:
-    """Apply `section.key=value` (value parsed as YAML) to the params document."""
-    key, _, value = assignment.partition("=")
-    *sections, name = key.split(".")
-    target = raw
-    for section in sections:
-        target = target.setdefault(section, {})
-    target[name] = yaml.safe_load(value)
 
 
 def main() -> None:
@@ -53,10 +42,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="redraw the folds this many times")
     parser.add_argument("-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    raw = yaml.safe_load(args.params.read_text())
-    for assignment in args.overrides:
-        override(raw, assignment)
-    params = params_from_dict(raw)
+    params = load_params(args.params, args.overrides)
     labeled = read_split(args.data, "labeled")
     images, labels = np.asarray(labeled.images), np.asarray(labeled.labels)
     splitter = RepeatedStratifiedKFold(n_splits=args.folds, n_repeats=args.repeats, random_state=params.seed)

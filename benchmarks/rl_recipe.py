@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from sklearn.model_selection import train_test_split
 
-from pipeline_lib.config import params_from_dict
+from pipeline_lib.config import load_params
 from pipeline_lib.data.store import read_split
 from pipeline_lib.eval.evaluate import predict_probabilities
 from pipeline_lib.models.classifier import AbstainClassifier
@@ -36,9 +34,6 @@ from pipeline_lib.rl.post_train import reward_table
 from pipeline_lib.tracking import Tracker
 from pipeline_lib.trainers.grpo import CrossEntropyTrainer, ExpectedRewardTrainer, GRPOTrainer
 
-sys.path.insert(0, str(Path(__file__).parent))
-from finetune_cv import override
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,10 +42,7 @@ def main() -> None:
     parser.add_argument("--classifier", type=Path, default=Path("models/finetune"))
     parser.add_argument("-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    raw = yaml.safe_load(args.params.read_text())
-    for assignment in args.overrides:
-        override(raw, assignment)
-    params = params_from_dict(raw)
+    params = load_params(args.params, args.overrides)
     cfg, device = params.rl, torch.device("cpu")
     rl = read_split(args.data, "rl")
     images, labels = np.asarray(rl.images), np.asarray(rl.labels)

@@ -16,7 +16,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Union
@@ -482,8 +482,12 @@ class Params:
         _check(0 <= self.seed < 2**32, "seed", self.seed, "must be an integer in [0, 2**32)")
 
 
-def load_params(path: str | Path) -> Params:
-    """Read and validate a params file; raise `ConfigError` naming the first bad key."""
+def load_params(path: str | Path, overrides: Sequence[str] = ()) -> Params:
+    """Read and validate a params file; raise `ConfigError` naming the first bad key.
+
+    `overrides` are `section.key=value` assignments applied first, as `dvc exp run -S` applies them (the
+    value parsed as YAML), for tools that try params without editing the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
@@ -491,7 +495,17 @@ def load_params(path: str | Path) -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    return params_from_dict({} if raw is None else raw)  # an empty file means all defaults
+    raw = {} if raw is None else raw  # an empty file means all defaults
+    for assignment in overrides:
+        key, equals, value = assignment.partition("=")
+        if not equals or not key:
+            raise ConfigError(f"{assignment!r}: an override is section.key=value")
+        *sections, name = key.split(".")
+        target = raw
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[name] = yaml.safe_load(value)
+    return params_from_dict(raw)
 
 
 def params_from_dict(raw: Mapping[str, Any]) -> Params:

@@ -293,6 +293,16 @@ def test_cost_matrix_inline_or_as_a_path(tmp_path: Path) -> None:
     assert load_params(_write(tmp_path, path)).rl.reward.cost_matrix == "data/costs.csv"
 
 
+def test_overrides_apply_like_dvc_exp_run_set_param(tmp_path: Path) -> None:
+    path = _write(tmp_path, "finetune:\n  epochs: 3\n")
+    params = load_params(path, ["finetune.epochs=7", "rl.reward.type=accuracy", "seed=5"])
+    assert (params.finetune.epochs, params.rl.reward.type, params.seed) == (7, "accuracy", 5)
+    with pytest.raises(ConfigError, match=r"an override is section\.key=value"):
+        load_params(path, ["finetune.epochs"])
+    with pytest.raises(ConfigError, match=r"finetune.epochs=0: must be a positive integer"):
+        load_params(path, ["finetune.epochs=0"])
+
+
 def test_params_are_frozen() -> None:
     """Params and its sections cannot be changed after validation."""
     params = Params()

@@ -25,8 +25,7 @@ def decision_report(actions: np.ndarray, labels: np.ndarray, table: np.ndarray,
     Returns:
         reward_greedy (mean reward of `actions`), reward_sampled (mean of sum_a pi(a|x) R[a, y]; equal to
         reward_greedy without `action_probs`), accuracy (right answers over all examples), coverage (share
-        answered), selective_risk (wrong answers over answered; None when nothing is answered) and
-        selective_accuracy (its complement).
+        answered) and selective_risk (wrong answers over answered; None when nothing is answered).
     """
     actions, labels = np.asarray(actions), np.asarray(labels)
     if actions.shape != labels.shape or actions.ndim != 1:
@@ -43,7 +42,6 @@ def decision_report(actions: np.ndarray, labels: np.ndarray, table: np.ndarray,
         "accuracy": float(right.mean()),
         "coverage": float(answered.mean()),
         "selective_risk": risk,
-        "selective_accuracy": None if risk is None else 1 - risk,
     }
 
 

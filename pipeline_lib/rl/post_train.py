@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import entropy
 from torch import nn
 
 from pipeline_lib import dist
@@ -78,10 +79,8 @@ def fingerprint(params: Params, paths: RLPaths) -> str:
                         "classifier": encoder_digest(paths.classifier), "code": code_digest()})
 
 
-def policy_probabilities(model: nn.Module, preprocess: nn.Module, images: np.ndarray, temperature: float,
-                         device: torch.device) -> np.ndarray:
-    """(N, A) pi(a | x) = softmax(logits / temperature), float64."""
-    probs = predict_probabilities(model, preprocess, images, device=device)
+def with_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(logits) -> softmax(logits / temperature), row by row: the policy's action probabilities."""
     if temperature == 1.0:
         return probs
     scaled = np.log(np.clip(probs, 1e-300, None)) / temperature
@@ -89,20 +88,25 @@ def policy_probabilities(model: nn.Module, preprocess: nn.Module, images: np.nda
     return scaled / scaled.sum(axis=1, keepdims=True)
 
 
+def class_view(probs: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, A) action probabilities -> the class distribution renormalised without abstain, and the confidence
+    that orders the risk-coverage curve: 1 - p(abstain) with abstain, else the top class probability."""
+    class_probs = probs[:, :classes] / probs[:, :classes].sum(axis=1, keepdims=True)
+    confidence = 1 - probs[:, classes] if probs.shape[1] > classes else class_probs.max(axis=1)
+    return class_probs, confidence
+
+
 def policy_report(probs: np.ndarray, reference: np.ndarray, test: Split, table: np.ndarray, *,
                   num_bins: int, class_names: list[str], actions: np.ndarray | None = None) -> dict[str, Any]:
     """A model's decisions and class probabilities on test. `actions` None: the policy's greedy actions."""
-    classes = len(class_names)
     labels = np.asarray(test.labels)
-    class_probs = probs[:, :classes] / probs[:, :classes].sum(axis=1, keepdims=True)
+    class_probs, confidence = class_view(probs, len(class_names))
     greedy = probs.argmax(axis=1) if actions is None else actions
     report = decision_report(greedy, labels, table, probs if actions is None else None)
     metrics = classification_metrics(class_probs, labels, class_names, num_bins=num_bins)
-    kl = (class_probs * (np.log(np.clip(class_probs, 1e-300, None)) - np.log(np.clip(reference, 1e-300, None))))
-    confidence = 1 - probs[:, classes] if probs.shape[1] > classes else class_probs.max(axis=1)
     _, _, aurc = risk_coverage(confidence, class_probs.argmax(axis=1) == labels)
     return {**report, "class_top1": metrics["top1"], "nll": metrics["nll"], "ece": metrics["ece"],
-            "kl_to_reference": max(0.0, float(kl.sum(axis=1).mean())), "aurc": aurc}  # >= 0 up to rounding
+            "kl_to_reference": float(entropy(class_probs, reference, axis=1).mean()), "aurc": aurc}
 
 
 def run_rl(params: Params, paths: RLPaths, tracker: Tracker, device: torch.device) -> dict[str, Any]:
@@ -120,10 +124,9 @@ def run_rl(params: Params, paths: RLPaths, tracker: Tracker, device: torch.devic
     table = reward_table(cfg.reward, len(class_names))  # shape errors before any training
     abstains = table.shape[0] > len(class_names)
     images, labels = rl.images, np.asarray(rl.labels)
-    runs: dict[str, tuple[nn.Module, float, list[dict[str, float]]]] = {}
+    runs: dict[str, tuple[nn.Module, float]] = {}
     for name, cls in (("grpo", GRPOTrainer), ("expected_reward", ExpectedRewardTrainer),
                       ("cross_entropy", CrossEntropyTrainer)):
-        torch.manual_seed(params.seed)  # the same abstain head on every process
         policy = copy.deepcopy(reference)
         if abstains and cls is not CrossEntropyTrainer:
             policy = AbstainClassifier(policy)
@@ -135,8 +138,8 @@ def run_rl(params: Params, paths: RLPaths, tracker: Tracker, device: torch.devic
             print(f"rl: GRPO on {len(rl)} rl images, reward {cfg.reward.type}, G={cfg.group_size}, "
                   f"{trainer.total_steps} steps, lr {trainer.lr:.2e}, {dist.world_size()} process(es) on {device}")
         started = time.perf_counter()
-        result = trainer.fit()
-        runs[name] = (trainer.model, time.perf_counter() - started, result.history)
+        trainer.fit()
+        runs[name] = (trainer.model, time.perf_counter() - started)
     if not dist.is_main():
         return {}
     summary, rows = report(params, test, table, class_names, reference, preprocess, runs, device)
@@ -152,14 +155,13 @@ def report(params: Params, test: Split, table: np.ndarray, class_names: list[str
     cfg, bins = params.rl, params.evaluate.calibration_bins
     images, extra = test.images, table.shape[0] - len(class_names)
     ref_probs = predict_probabilities(reference, preprocess, images, device=device)
-    ref_policy = policy_probabilities(reference, preprocess, images, cfg.temperature, device)
-    ref_policy = np.pad(ref_policy, ((0, 0), (0, extra)))  # the reference never abstains
+    ref_policy = np.pad(with_temperature(ref_probs, cfg.temperature), ((0, 0), (0, extra)))  # never abstains
     options = {"num_bins": bins, "class_names": class_names}
     ref_bayes = bayes_actions(torch.as_tensor(ref_probs), torch.as_tensor(table)).numpy()
     reports = {"reference": policy_report(ref_policy, ref_probs, test, table, **options),
                "bayes_reference": policy_report(ref_policy, ref_probs, test, table, actions=ref_bayes, **options)}
-    policies = {name: policy_probabilities(runs[name][0], preprocess, images, cfg.temperature, device)
-                for name in ("grpo", "expected_reward")}
+    policies = {name: with_temperature(predict_probabilities(runs[name][0], preprocess, images, device=device),
+                                       cfg.temperature) for name in ("grpo", "expected_reward")}
     for name, probs in policies.items():
         reports[name] = policy_report(probs, ref_probs, test, table, **options)
     ce_probs = predict_probabilities(runs["cross_entropy"][0], preprocess, images, device=device)
@@ -177,7 +179,7 @@ def report(params: Params, test: Split, table: np.ndarray, class_names: list[str
                  "reward_greedy_over_bayes": post["reward_greedy"] - reports["bayes_reference"]["reward_greedy"],
                  "reward_greedy_over_cross_entropy": post["reward_greedy"]
                  - reports["cross_entropy_bayes"]["reward_greedy"]},
-        "train_seconds": {name: round(seconds, 2) for name, (_, seconds, _) in runs.items()},
+        "train_seconds": {name: round(seconds, 2) for name, (_, seconds) in runs.items()},
         "test_images": len(test),
     }, rows
 
@@ -186,8 +188,7 @@ def curves(reference: np.ndarray, post: np.ndarray, labels: np.ndarray, classes:
     """Risk-coverage rows (model, coverage, risk) of the reference and the post-trained policy on test."""
     rows = []
     for name, probs in (("reference", reference), ("post_trained", post)):
-        class_probs = probs[:, :classes] / probs[:, :classes].sum(axis=1, keepdims=True)
-        confidence = 1 - probs[:, classes] if probs.shape[1] > classes else class_probs.max(axis=1)
+        class_probs, confidence = class_view(probs, classes)
         coverage, risk, _ = risk_coverage(confidence, class_probs.argmax(axis=1) == labels)
         rows += [{"model": name, "coverage": c, "risk": r} for c, r in zip(coverage, risk, strict=True)]
     return rows

@@ -19,7 +19,6 @@ def test_report_by_hand() -> None:
     assert report["accuracy"] == 0.5
     assert report["coverage"] == 0.75
     assert report["selective_risk"] == pytest.approx(1 / 3)
-    assert report["selective_accuracy"] == pytest.approx(2 / 3)
 
 
 def test_expected_reward_under_sampling() -> None:

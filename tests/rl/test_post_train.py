@@ -93,3 +93,11 @@ def test_cost_matrix_of_the_wrong_shape_fails_before_training(finetuned: tuple[P
     with pytest.raises(ValueError, match=r"reward.cost_matrix: shape \(3, 3\), expected 10 x 10"):
         run_rl(params, paths, Tracker(), torch.device("cpu"))
     assert not paths.checkpoints.exists() and not paths.out.exists()
+
+
+def test_temperature_rescales_the_logits() -> None:
+    from pipeline_lib.rl.post_train import with_temperature
+
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.0, 3.0]])
+    expected = torch.softmax(logits / 2.0, dim=1).numpy()
+    np.testing.assert_allclose(with_temperature(torch.softmax(logits, 1).double().numpy(), 2.0), expected, rtol=1e-6)
