@@ -41,6 +41,7 @@ OFFICIAL_ARCHIVES: dict[str, tuple[str, str]] = {
 
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_METRIC = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./ -]*")
 
 
 class ConfigError(ValueError):
@@ -386,6 +387,32 @@ class EvaluateParams:
                "must be > 0 (inverse L2 strength of the logistic-regression probe)")
 
 
+PromotedModel = Literal["classifier", "encoder"]
+MetricMode = Literal["max", "min"]
+
+
+@dataclass(frozen=True)
+class PromoteParams:
+    """The promotion gate (`python -m pipeline_lib.promote`): when a registered model's `challenger` becomes
+    its `champion`.
+
+    `metric` is read from the MLflow run that registered each version; the challenger is promoted only if it
+    beats the champion by more than `min_delta` in the direction `mode` (max: higher is better).
+    """
+
+    model: PromotedModel = "classifier"
+    metric: str = "post_trained.reward_greedy"
+    mode: MetricMode = "max"
+    min_delta: float = 0.005
+
+    def __post_init__(self) -> None:
+        _check(bool(_METRIC.fullmatch(self.metric)), "promote.metric", self.metric,
+               "must be the name of a metric logged by the run that registered the model, e.g. "
+               "post_trained.reward_greedy or test.top1")
+        _check(math.isfinite(self.min_delta) and self.min_delta >= 0, "promote.min_delta", self.min_delta,
+               "must be a finite number >= 0 (how much better the challenger must be)")
+
+
 RewardType = Literal["accuracy", "cost_matrix", "abstain"]
 RewardScale = Literal["group", "none"]
 
@@ -477,6 +504,7 @@ class Params:
     finetune: FinetuneParams = dataclasses.field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = dataclasses.field(default_factory=EvaluateParams)
     rl: RLParams = dataclasses.field(default_factory=RLParams)
+    promote: PromoteParams = dataclasses.field(default_factory=PromoteParams)
 
     def __post_init__(self) -> None:
         _check(0 <= self.seed < 2**32, "seed", self.seed, "must be an integer in [0, 2**32)")

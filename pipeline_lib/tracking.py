@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import time
+import urllib.parse
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -25,6 +26,11 @@ import numpy as np
 from pipeline_lib.config import Params, params_hash
 
 MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch call
+PROBE_TIMEOUT_S = 10  # seconds one request to a tracking server may take before the stage gives up
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server cannot be reached or refuses our requests; the message names the URI."""
 
 
 def project_root() -> Path:
@@ -40,6 +46,46 @@ def tracking_uri(root: Path | None = None) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{(root or project_root()) / 'mlflow.db'}"
+
+
+def check_tracking_store(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise `TrackingUnavailable` within seconds if the tracking server at `uri` is down or refuses us.
+
+    MLflow retries a failing request with exponential backoff for minutes; this one request does not retry,
+    so a wrong URI, a stopped server or bad credentials stop a stage before any work instead of after
+    it. Local stores (sqlite, files) are not probed.
+    """
+    if urllib.parse.urlsplit(uri).scheme not in ("http", "https"):
+        return
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    limits = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout))}
+    saved = {name: os.environ.get(name) for name in limits}
+    os.environ.update(limits)
+    try:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as err:
+        reason = str(err).strip().splitlines()[0].replace(uri, redacted(uri))[:300]
+        raise TrackingUnavailable(
+            f"tracking server {redacted(uri)} is unreachable or refused the request ({reason}); check "
+            "MLFLOW_TRACKING_URI and the server's credentials, or unset it to log to the project's mlflow.db"
+        ) from err
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def redacted(uri: str) -> str:
+    """`uri` with any password replaced by `***`, for messages and logs."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def artifact_location(uri: str, root: Path) -> str | None:
@@ -241,6 +287,7 @@ def stage_run(
 
     root = project_root()
     uri = tracking_uri(root)
+    check_tracking_store(uri)
     mlflow.set_tracking_uri(uri)
     experiment_id = _experiment_id(params.tracking.experiment, uri, root)
     tags = {**lineage_tags(stage, root, logged_params, inputs or {}, upstream or {}), **(extra_tags or {})}

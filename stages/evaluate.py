@@ -16,7 +16,7 @@ from pipeline_lib.config import ConfigError, flatten, load_params
 from pipeline_lib.data.download import DataError
 from pipeline_lib.data.store import prepared_digest
 from pipeline_lib.eval.evaluate import EvaluatePaths, run_evaluate
-from pipeline_lib.tracking import read_run_record, stage_run
+from pipeline_lib.tracking import TrackingUnavailable, read_run_record, stage_run
 
 
 def classifier(text: str) -> tuple[str, Path]:
@@ -46,7 +46,7 @@ def main() -> None:
         with stage_run("evaluate", params, logged, inputs={"data": prepared_digest(paths.data)},
                        upstream=upstream) as tracker:
             summary = run_evaluate(params, paths, tracker, device)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, DataError, TrackingUnavailable, FileNotFoundError, ValueError) as err:
         sys.exit(f"evaluate: {err}")
     line = {f"{name}.top1": summary[name]["top1"] for name in paths.classifiers}
     line.update({f"gain.{k}": v for k, v in summary.get("gain", {}).items()})

@@ -13,7 +13,7 @@ from pipeline_lib.config import ConfigError, flatten, load_params
 from pipeline_lib.data.download import DataError
 from pipeline_lib.data.prepare import prepare_dataset
 from pipeline_lib.data.summary import log_prepared
-from pipeline_lib.tracking import stage_run, write_run_record
+from pipeline_lib.tracking import TrackingUnavailable, stage_run, write_run_record
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
             metas = prepare_dataset(params.data, params.seed, args.out, args.cache_dir)
             log_prepared(run, args.out, metas)
             write_run_record(args.out / "run.json", run)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, TrackingUnavailable) as err:
         sys.exit(f"fetch: {err}")
     sizes = ", ".join(f"{name} {meta['num_images']}" for name, meta in metas.items())
     print(f"fetch: {params.data.source} -> {args.out} ({sizes}); MLflow run {run.run_id}")

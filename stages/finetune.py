@@ -18,7 +18,7 @@ from pipeline_lib import dist
 from pipeline_lib.config import ConfigError, load_params
 from pipeline_lib.data.download import DataError
 from pipeline_lib.data.store import prepared_digest
-from pipeline_lib.tracking import Tracker, read_run_record, stage_run
+from pipeline_lib.tracking import Tracker, TrackingUnavailable, read_run_record, stage_run
 from pipeline_lib.trainers.base import NonFiniteLossError, read_checkpoint
 from pipeline_lib.trainers.finetune import FinetunePaths, encoder_digest, fingerprint, logged_params, run_finetune
 
@@ -49,7 +49,7 @@ def main() -> None:
         )
         with tracking as tracker:
             summary = run_finetune(params, paths, tracker, device, register=args.register)
-    except (ConfigError, DataError, NonFiniteLossError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, DataError, TrackingUnavailable, NonFiniteLossError, FileNotFoundError, ValueError) as err:
         sys.exit(f"{args.name}: {err}")
     finally:
         dist.cleanup()

@@ -16,7 +16,7 @@ from pipeline_lib import dist
 from pipeline_lib.config import ConfigError, load_params
 from pipeline_lib.data.download import DataError
 from pipeline_lib.data.store import prepared_digest
-from pipeline_lib.tracking import Tracker, read_run_record, stage_run
+from pipeline_lib.tracking import Tracker, TrackingUnavailable, read_run_record, stage_run
 from pipeline_lib.trainers.base import NonFiniteLossError, read_checkpoint
 from pipeline_lib.trainers.pretrain import PretrainPaths, fingerprint, logged_params, run_pretrain
 
@@ -40,7 +40,7 @@ def main() -> None:
         )
         with tracking as tracker:
             summary = run_pretrain(params, paths, tracker, device)
-    except (ConfigError, DataError, NonFiniteLossError, ValueError) as err:
+    except (ConfigError, DataError, TrackingUnavailable, NonFiniteLossError, ValueError) as err:
         sys.exit(f"pretrain: {err}")
     finally:
         dist.cleanup()

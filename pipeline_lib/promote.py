@@ -1,0 +1,100 @@
+"""The promotion gate from the command line: move `champion` to the `challenger` only if it scores better.
+
+Usage: python -m pipeline_lib.promote [--params params.yaml] [-S promote.min_delta=0.01] [--summary FILE]
+           [--report FILE] [--exit-code]
+
+Which registered model, which metric, its direction and the minimum improvement come from the `promote`
+section of params.yaml (`-S` overrides a key for this call); the tracking store is the pipeline's
+(`MLFLOW_TRACKING_URI`, else the project's mlflow.db). The decision and the numbers are printed, appended as
+markdown to `--summary` (a CI job summary) and written as JSON to `--report`.
+
+Exit status:
+    0  decided: promoted, kept or unchanged (the challenger already is the champion)
+    1  the champion was kept, only with --exit-code (as `git diff --exit-code` reports a difference)
+    2  bad input: an invalid params key, no challenger, or a version whose run lacks the metric
+    3  the tracking store is unreachable or refuses requests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline_lib.config import ConfigError, Params, load_params
+from pipeline_lib.registry import Decision, PromotionError, promote
+from pipeline_lib.tracking import TrackingUnavailable, check_tracking_store, redacted, tracking_uri
+
+EXIT_DECIDED, EXIT_KEPT, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def run_gate(params: Params) -> Decision:
+    """Apply the gate the `promote` section declares to the pipeline's tracking store.
+
+    Raises:
+        TrackingUnavailable: the tracking server is down or refuses requests.
+        PromotionError: no challenger, or a compared version's run lacks the metric.
+    """
+    import mlflow
+
+    uri = tracking_uri()
+    check_tracking_store(uri)
+    gate = params.promote
+    name = getattr(params.tracking, f"{gate.model}_model")
+    return promote(mlflow.MlflowClient(uri), name, metric=gate.metric, mode=gate.mode, min_delta=gate.min_delta)
+
+
+def decision_markdown(decision: Decision) -> str:
+    """The decision as a markdown section for a CI job summary or a pull-request comment."""
+    rows = [f"| challenger | v{decision.challenger_version} | {_cell(decision.challenger_value)} |"]
+    if decision.champion_version is not None and decision.action != "unchanged":
+        rows.append(f"| champion before | v{decision.champion_version} | {_cell(decision.champion_value)} |")
+    lines = [f"### Promotion gate: `{decision.model}`", "",
+             f"| | version | `{decision.metric}` ({decision.mode}) |", "|---|---|---|", *rows, "",
+             f"**{decision.action}**: {decision.summary()}"]
+    if decision.same_data is False:
+        lines.append("\nNote: the two versions were scored on different prepared data (`input.data.sha256`).")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.6g}"
+
+
+def append_text(path: Path | None, text: str) -> None:
+    """Append `text` to `path` (a CI job summary collects several steps), if a path is given."""
+    if path is not None:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline_lib.promote", description=__doc__.splitlines()[0],
+                                     epilog="exit status: 0 decided, 1 kept (with --exit-code), 2 bad input, "
+                                            "3 tracking store unreachable")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params key for this call, as `dvc exp run -S` does")
+    parser.add_argument("--summary", type=Path, help="append the decision as markdown (e.g. $GITHUB_STEP_SUMMARY)")
+    parser.add_argument("--report", type=Path, help="write the decision as JSON")
+    parser.add_argument("--exit-code", action="store_true", help="exit 1 when the champion is kept")
+    args = parser.parse_args(argv)
+    try:
+        decision = run_gate(load_params(args.params, args.overrides))
+    except (ConfigError, PromotionError) as err:
+        print(f"promote: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrackingUnavailable as err:
+        print(f"promote: {err}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    print(f"promote: {decision.summary()} [{redacted(tracking_uri())}]")
+    append_text(args.summary, decision_markdown(decision))
+    if args.report is not None:
+        args.report.write_text(json.dumps(decision.as_dict(), indent=2) + "\n")
+    return EXIT_KEPT if args.exit_code and decision.action == "kept" else EXIT_DECIDED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
