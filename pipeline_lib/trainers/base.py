@@ -10,7 +10,9 @@ lives here once. Three rules make runs reproducible and resumable bit for bit on
   for the step's whole global batch; each process keeps the rows of its micro-batch (`Batch.rows`). So
   neither the process count nor gradient accumulation changes what the model sees.
 - A checkpoint holds the unwrapped model, optimizer, scheduler, scaler, step, RNG states and the logged
-  history, written atomically; a run whose fingerprint (params + data) matches resumes from it.
+  history, written atomically; a run whose fingerprint (params + data) matches resumes from it. Metrics are
+  logged as means over every `log_every` steps, and a checkpoint also closes such a window, so no logged
+  mean straddles a resume point.
 """
 
 from __future__ import annotations
@@ -202,7 +204,9 @@ class Trainer:
             for name, value in metrics.items():
                 window[name] = window.get(name, 0.0) + value
             window_steps += 1
-            if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.total_steps:
+            # A checkpoint closes the logging window too, so a run resumed from it logs the same averages.
+            checkpoint_due = (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == self.total_steps
+            if (step + 1) % self.cfg.log_every == 0 or checkpoint_due:
                 elapsed = time.perf_counter() - window_start
                 logged = {name: dist.all_reduce_mean(value / window_steps).item() for name, value in window.items()}
                 logged.update(lr=max(self.scheduler.get_last_lr()), images_per_second=window_steps
@@ -211,7 +215,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['images_per_second']:.0f}")
                 window, window_start, window_steps = {}, time.perf_counter(), 0
             bar.update(1)
-            if (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == self.total_steps:
+            if checkpoint_due:
                 self.save_checkpoint(step + 1)
         bar.close()
         self.tracker.flush()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import mlflow.pyfunc
@@ -14,30 +14,20 @@ import numpy as np
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", "data/raw/.gitkeep"]
-PROJECT_DIRS = ["stages", "pipeline_lib"]
-
 
 def _run(repo: Path, *command: str) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
-    env.pop("MLFLOW_TRACKING_URI", None)  # use the default store, resolved against $DVC_ROOT
-    done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout + done.stderr
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def repo(tmp_path_factory: pytest.TempPathFactory, make_project: Callable[..., Path]) -> Path:
     """A git repo holding a copy of the project with tiny params, committed."""
-    repo = tmp_path_factory.mktemp("project")
-    for name in PROJECT_FILES:
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / name, repo / name)
-    for name in PROJECT_DIRS:
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    return make_project(tmp_path_factory.mktemp("project"), _tiny)
+
+
+def _tiny(params: dict[str, Any]) -> None:
     params["data"]["max_images"] = 200
     params["model"].update(embed_dim=32, depth=1, num_heads=2)
     params["pretrain"].update(epochs=2, batch_size=32, warmup_epochs=1.0, decoder_embed_dim=32, decoder_depth=1,
@@ -45,11 +35,6 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["finetune"].update(epochs=2, batch_size=8, warmup_epochs=1.0, log_every=1)
     params["evaluate"].update(knn_k=5)
     params["rl"].update(epochs=1, batch_size=8, group_size=4, log_every=1)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(repo, "git", "init", "-q")
-    _run(repo, "git", "add", "-A")
-    _run(repo, "git", "commit", "-q", "-m", "project")
-    return repo
 
 
 def _labeled_count(repo: Path) -> int:

@@ -94,6 +94,25 @@ def test_resume_gives_identical_weights(tmp_path: Path) -> None:
     assert [h["step"] for h in result.history] == [h["step"] for h in straight.history]
 
 
+def test_resume_between_log_steps_logs_the_curve_of_a_straight_run(tmp_path: Path) -> None:
+    """A checkpoint closes the logging window: killed after the checkpoint at step 3 (log_every 2), the resumed
+    run logs the same averages as an uninterrupted one, not a window that lost the steps before the kill."""
+    straight = _trainer(tmp_path / "straight", checkpoint_every=3)
+    straight.fit()
+    first = _trainer(tmp_path / "resumed", checkpoint_every=3)
+    first.interrupt_at_step = 4
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    resumed = _trainer(tmp_path / "resumed", checkpoint_every=3)
+    assert resumed.fit().resumed_from == 3
+
+    def untimed(history: list[dict[str, float]]) -> list[dict[str, float]]:
+        return [{k: v for k, v in h.items() if k not in ("images_per_second", "step_time")} for h in history]
+
+    assert untimed(resumed.history) == untimed(straight.history)
+    assert [h["step"] for h in straight.history] == [2, 3, 4, 6, 8, 9, 10, 12, 14, 15, 16]
+
+
 def test_other_fingerprint_starts_fresh(tmp_path: Path) -> None:
     _trainer(tmp_path).fit()
     assert read_checkpoint(tmp_path / "ckpt" / "last.pt", "other params") is None

@@ -1,0 +1,52 @@
+"""What the stage tests share: a committed copy of the project with tiny params, and the environment of the
+commands they run in it (dvc, git, the stages)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", "data/raw/.gitkeep"]
+PROJECT_DIRS = ["stages", "pipeline_lib"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def command_environment() -> Iterator[None]:
+    """For every command these tests start: no DVC analytics, a git identity, the project's default MLflow store
+    (mlflow.db at `$DVC_ROOT`), and one thread per process: PyTorch processes sharing two cores, each spinning
+    on both, slow each other down many times over."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {"DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+                            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}.items():
+            patch.setenv(name, value)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield
+
+
+def copy_project(path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """A committed git repo at `path` holding the project, with the params `edit` changes in place."""
+    for name in PROJECT_FILES:
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, path / name)
+    for name in PROJECT_DIRS:
+        shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    edit(params)
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "project"]):
+        subprocess.run(command, cwd=path, check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_project() -> Callable[[Path, Callable[[dict[str, Any]], None]], Path]:
+    """`copy_project`, for the module-scoped fixtures that build their repos with it."""
+    return copy_project
