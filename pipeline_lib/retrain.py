@@ -53,17 +53,23 @@ def retrain(overrides: Sequence[str], base: str, *, gate: bool) -> str:
     started = time.perf_counter()
     dvc("exp", "run", *[arg for override in overrides for arg in ("-S", override)])
     trained = time.perf_counter() - started
-    params_diff = dvc("params", "diff", base, "--md", capture=True).strip() or "No params changed."
-    metrics_diff = dvc("metrics", "diff", base, "--md", "--precision", "4", capture=True).strip()
+    params_diff = dvc("params", "diff", base, "--md", capture=True)
+    metrics_diff = dvc("metrics", "diff", base, "--md", "--precision", "4", capture=True)
     sections = ["## Retrain", "",
                 f"Overrides: {' '.join(f'`{o}`' for o in overrides) if overrides else 'none'}; "
                 f"compared with `{base}`; pipeline {trained:.0f} s.", "",
-                "### Params changed", "", params_diff, "",
-                "### Metrics changed", "", metrics_diff or "No metrics changed.", ""]
+                "### Params changed", "", _table_or(params_diff, "No params changed."), "",
+                "### Metrics changed", "", _table_or(metrics_diff, "No metrics changed."), ""]
     if gate:
         sections.append(decision_markdown(run_gate(load_params("params.yaml"))))
     sections.append(f"Wall time {time.perf_counter() - started:.0f} s.")
     return "\n".join(sections) + "\n"
+
+
+def _table_or(table: str, empty: str) -> str:
+    """A markdown table from `dvc ... diff --md`, or `empty` when it has no rows (DVC prints the header)."""
+    lines = table.strip().splitlines()
+    return "\n".join(lines) if len(lines) > 2 else empty
 
 
 def main(argv: Sequence[str] | None = None) -> int:

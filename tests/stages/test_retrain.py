@@ -71,6 +71,7 @@ def test_retrain_then_param_change_reruns_only_its_dependents_then_the_gate_deci
     report = (repo / "report.md").read_text()
     assert f"**promoted**: {MODEL}: promoted v{challenger.version} to champion (no champion yet" in report
     assert (repo / "summary.md").read_text() == report + "\n"
+    assert "No params changed." in report
     _run(repo, "git", "add", "-A")
     _run(repo, "git", "commit", "-q", "-m", "retrained")  # as the team commits dvc.lock and metrics
 
