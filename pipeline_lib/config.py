@@ -491,6 +491,100 @@ class RLParams(TrainParams):
         _check(self.beta >= 0, "rl.beta", self.beta, "must be >= 0 (0: no KL penalty)")
 
 
+TextSource = Literal["embedded", "url", "folder"]
+TokenizerKind = Literal["char", "bpe"]
+NGramMethod = Literal["kneser_ney", "add_k"]
+LMObjective = Literal["ar", "mdm"]
+
+
+@dataclass(frozen=True)
+class TextDataParams:
+    """The text track's corpus, split and tokenizer (see `pipeline_lib.text.corpus`).
+
+    `embedded` is the English documentation CPython ships (`pydoc_data.topics`); `url` a plain-text file
+    checked against `sha256`; `folder` every `*.txt` under `path`. The last `val_fraction` of the text
+    (cut at a line break) is the validation split; the tokenizer is fitted on the training part only.
+    """
+
+    source: TextSource = "embedded"
+    url: str | None = None
+    sha256: str | None = None
+    path: str | None = None
+    val_fraction: float = 0.1
+    tokenizer: TokenizerKind = "char"
+    vocab_size: int = 512
+
+    def __post_init__(self) -> None:
+        _check(0 < self.val_fraction <= 0.5, "text_data.val_fraction", self.val_fraction, "must be in (0, 0.5]")
+        _check(self.vocab_size >= 257 or self.tokenizer == "char", "text_data.vocab_size", self.vocab_size,
+               "must be >= 257 for a byte-level BPE (256 bytes and at least one merge)")
+        if self.source == "url":
+            _check(bool(self.url), "text_data.url", self.url, "is required with text_data.source='url'")
+            _check(bool(self.sha256 and _SHA256.fullmatch(self.sha256)), "text_data.sha256", self.sha256,
+                   "is required with text_data.source='url': the file's sha256 as 64 hex digits")
+        if self.source == "folder":
+            _check(bool(self.path), "text_data.path", self.path, "is required with text_data.source='folder'")
+        used = {"url": ("url", "sha256"), "folder": ("path",), "embedded": ()}[self.source]
+        for name in ("url", "sha256", "path"):
+            _check(name in used or getattr(self, name) is None, f"text_data.{name}", getattr(self, name),
+                   f"is not used with text_data.source={self.source!r}; set it to null")
+
+
+@dataclass(frozen=True)
+class TextModelParams:
+    """The text track's transformer (pre-norm, RoPE, SwiGLU), shared by both objectives."""
+
+    d_model: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    seq_len: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layer", "n_head", "seq_len"):
+            _check(getattr(self, name) >= 1, f"text_model.{name}", getattr(self, name), "must be a positive integer")
+        _check(self.d_model % self.n_head == 0 and (self.d_model // self.n_head) % 2 == 0, "text_model.n_head",
+               self.n_head, f"must divide text_model.d_model={self.d_model} into heads of even size (RoPE)")
+
+
+@dataclass(frozen=True)
+class TextNGramParams:
+    """The n-gram baseline: interpolated Kneser-Ney or add-k over token ids."""
+
+    order: int = 5
+    method: NGramMethod = "kneser_ney"
+    discount: float = 0.75
+    k: float = 0.01
+
+    def __post_init__(self) -> None:
+        _check(self.order >= 1, "text_ngram.order", self.order, "must be a positive integer")
+        _check(0 < self.discount < 1, "text_ngram.discount", self.discount, "must be in (0, 1)")
+        _check(self.k > 0, "text_ngram.k", self.k, "must be > 0")
+
+
+@dataclass(frozen=True)
+class TextPretrainParams(TrainParams):
+    """Language-model pretraining of the transformer: `ar` (next token) or `mdm` (LLaDA masked diffusion).
+
+    An epoch is one pass over the training tokens in windows of `text_model.seq_len`; `batch_size` counts
+    windows. `mdm_eps` is the smallest masking probability of the LLaDA objective.
+    """
+
+    section: ClassVar[str] = "text_pretrain"
+
+    epochs: int = 10
+    batch_size: int = 32
+    base_lr: float = 1.0e-2
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.1
+    adam_beta2: float = 0.99
+    clip_grad: float | None = 1.0
+    mdm_eps: float = 1.0e-3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(0 < self.mdm_eps < 1, "text_pretrain.mdm_eps", self.mdm_eps, "must be in (0, 1)")
+
+
 @dataclass(frozen=True)
 class Params:
     """The whole `params.yaml`."""
@@ -505,6 +599,8 @@ class Params:
     evaluate: EvaluateParams = dataclasses.field(default_factory=EvaluateParams)
     rl: RLParams = dataclasses.field(default_factory=RLParams)
     promote: PromoteParams = dataclasses.field(default_factory=PromoteParams)
+    text_data: TextDataParams = dataclasses.field(default_factory=TextDataParams)
+    text_ngram: TextNGramParams = dataclasses.field(default_factory=TextNGramParams)
 
     def __post_init__(self) -> None:
         _check(0 <= self.seed < 2**32, "seed", self.seed, "must be an integer in [0, 2**32)")
