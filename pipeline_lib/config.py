@@ -571,10 +571,10 @@ class TextPretrainParams(TrainParams):
 
     section: ClassVar[str] = "text_pretrain"
 
-    epochs: int = 10
+    epochs: int = 2
     batch_size: int = 32
-    base_lr: float = 1.0e-2
-    warmup_epochs: float = 1.0
+    base_lr: float = 2.0e-2
+    warmup_epochs: float = 0.1
     weight_decay: float = 0.1
     adam_beta2: float = 0.99
     clip_grad: float | None = 1.0
@@ -601,6 +601,8 @@ class Params:
     promote: PromoteParams = dataclasses.field(default_factory=PromoteParams)
     text_data: TextDataParams = dataclasses.field(default_factory=TextDataParams)
     text_ngram: TextNGramParams = dataclasses.field(default_factory=TextNGramParams)
+    text_model: TextModelParams = dataclasses.field(default_factory=TextModelParams)
+    text_pretrain: TextPretrainParams = dataclasses.field(default_factory=TextPretrainParams)
 
     def __post_init__(self) -> None:
         _check(0 <= self.seed < 2**32, "seed", self.seed, "must be an integer in [0, 2**32)")

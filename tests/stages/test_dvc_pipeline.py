@@ -51,9 +51,10 @@ def test_repro_then_noop_then_experiment(repo: Path) -> None:
     _check_pretrain_outputs(repo, fetch_run=first_run)
     _check_finetune_and_evaluate(repo)
     _check_rl(repo)
+    _check_text(repo)
     shown = _run(repo, "dvc", "metrics", "show")
     for key in ("ssl.top1", "scratch.top1", "gain.top1", "encoder.knn_top1", "encoder.linear_probe_top1",
-                "post_trained.reward_greedy", "baselines.bayes_reference.reward_greedy"):
+                "post_trained.reward_greedy", "baselines.bayes_reference.reward_greedy", "metrics/text/ngram.json"):
         assert key in shown, key
 
     second = _run(repo, "dvc", "repro")
@@ -173,3 +174,10 @@ def _check_pretrain_outputs(repo: Path, fetch_run: str) -> None:
     images = np.load(repo / "data/prepared/test/images.npy")[:3]
     features = model.predict(images)
     assert features.shape == (3, 32) and np.isfinite(features).all()
+
+
+def _check_text(repo: Path) -> None:
+    """The text track's prepared tokens and the n-gram baseline's validation bits per character."""
+    meta = json.loads((repo / "data/text/prepared/meta.json").read_text())
+    assert meta["origin"] == "pydoc_data.topics" and meta["num_tokens"]["val"] > 0
+    assert 1.0 < json.loads((repo / "metrics/text/ngram.json").read_text())["bpc"] < 3.0

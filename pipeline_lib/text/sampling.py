@@ -1,0 +1,181 @@
+"""Samplers for the text track's language models: autoregressive decoding and LLaDA's masked-diffusion decoding.
+
+- `generate_ar`: nanoGPT's loop (karpathy/nanoGPT `model.py`, `generate`): crop the context to `max_len`, take
+  the last position's logits, sample with temperature and optional top-k, append. No KV cache: each new token
+  costs a forward pass over the context, fine for the small models of this track.
+- `generate_mdm`: LLaDA's reverse process with low-confidence remasking and semi-autoregressive blocks (Nie et
+  al. 2025, "Large Language Diffusion Models", https://arxiv.org/abs/2502.09992, Appendix B.2 and the official
+  `generate.py`). The answer starts all MASK and is decoded block by block, left to right; at each step the
+  model predicts every masked position, and the k most confident predictions of the current block are
+  committed while the rest stay masked, k following `schedule`.
+
+Both run under `torch.no_grad()`; put the model in eval mode first. Randomness comes from a `torch.Generator` on
+the device of the prompt (the noise has the logits' size, so it is drawn where they are), or the global RNG when
+it is None. Temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pipeline_lib.models.transformer import TransformerLM
+
+
+def _check_prompt(prompt_ids: Tensor, temperature: float) -> None:
+    if prompt_ids.ndim != 2 or prompt_ids.shape[1] < 1:
+        raise ValueError(f"prompt_ids must be (B, P) with P >= 1, got shape {tuple(prompt_ids.shape)}")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature}: must be >= 0 (0 is greedy)")
+
+
+def _sample_last(logits: Tensor, *, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    """(B, V) logits of the next token -> (B, 1) sampled ids."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)
+
+
+@torch.no_grad()
+def generate_ar(
+    model: TransformerLM,
+    prompt_ids: Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None = None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Autoregressive sampling from a causal model: (B, P) prompt -> (B, P + max_new_tokens) ids.
+
+    Args:
+        model: a causal `TransformerLM` (anything with `causal`, `max_len` and (B, T) ids -> (B, T, V) logits).
+        prompt_ids: (B, P) ids, P >= 1; the model sees at most its last `max_len` ids.
+        max_new_tokens: tokens to append, >= 0.
+        temperature: divides the logits; 0 takes the most likely token.
+        top_k: sample among the k most likely tokens only (None: all).
+        generator: source of the samples, on the device of `prompt_ids` (None: the global RNG).
+
+    Returns:
+        The prompt followed by the new tokens.
+    """
+    _check_prompt(prompt_ids, temperature)
+    if not model.causal:
+        raise ValueError("generate_ar needs a causal model (causal=True); use generate_mdm for a masked model")
+    if max_new_tokens < 0 or (top_k is not None and top_k < 1):
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0 and top_k={top_k} None or >= 1")
+    ids = prompt_ids
+    for _ in range(max_new_tokens):
+        logits = model(ids[:, -model.max_len :])[:, -1, :]  # (B, V), the last position's prediction
+        next_id = _sample_last(logits, temperature=temperature, top_k=top_k, generator=generator)  # (B, 1)
+        ids = torch.cat([ids, next_id], dim=1)
+    return ids
+
+
+def schedule(masked_count: int, steps: int) -> list[int]:
+    """How many tokens each of `steps` steps commits so that `masked_count` masked tokens are all decoded.
+
+    LLaDA's `get_num_transfer_tokens`: the count spread evenly, the first `masked_count % steps` steps one more.
+
+    Examples:
+        >>> schedule(10, 4)
+        [3, 3, 2, 2]
+    """
+    if masked_count < 0 or steps < 1:
+        raise ValueError(f"masked_count={masked_count} must be >= 0 and steps={steps} >= 1")
+    base, remainder = divmod(masked_count, steps)
+    return [base + (step < remainder) for step in range(steps)]
+
+
+def _check_mdm_args(model: TransformerLM, prompt_ids: Tensor, *, gen_length: int, steps: int, block_length: int,
+                    temperature: float, mask_id: int) -> int:
+    """Validate `generate_mdm`'s arguments; return the number of blocks."""
+    _check_prompt(prompt_ids, temperature)
+    if gen_length < 1 or block_length < 1:
+        raise ValueError(f"gen_length={gen_length} and block_length={block_length} must be >= 1")
+    if gen_length % block_length:
+        raise ValueError(f"gen_length={gen_length} must be a multiple of block_length={block_length}")
+    num_blocks = gen_length // block_length
+    if steps < 1 or steps % num_blocks:
+        raise ValueError(f"steps={steps} must be a positive multiple of the number of blocks "
+                         f"gen_length / block_length = {num_blocks}")
+    if prompt_ids.shape[1] + gen_length > model.max_len:
+        raise ValueError(f"prompt ({prompt_ids.shape[1]}) + gen_length ({gen_length}) exceeds the model's "
+                         f"max_len={model.max_len}")
+    if (prompt_ids == mask_id).any():
+        raise ValueError(f"prompt_ids contain the mask id {mask_id}")
+    return num_blocks
+
+
+def _predict(logits: Tensor, *, temperature: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """(B, T, V) logits -> predicted ids (B, T) and their confidence (B, T), the ids' softmax probability.
+
+    With temperature > 0 the ids are sampled by the Gumbel-max trick, argmax(logits / temperature + Gumbel
+    noise), the noise in float64 as in LLaDA (a float32 uniform truncates the Gumbel tail). The confidence uses
+    the untempered softmax, as LLaDA's low-confidence remasking does.
+    """
+    logits = logits.double()
+    if temperature == 0:
+        predicted = logits.argmax(dim=-1)
+    else:
+        uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float64).tiny)))
+        predicted = (logits / temperature + gumbel).argmax(dim=-1)  # (B, T)
+    probs = torch.softmax(logits, dim=-1)
+    return predicted, torch.gather(probs, -1, predicted.unsqueeze(-1)).squeeze(-1).float()
+
+
+@torch.no_grad()
+def generate_mdm(
+    model: TransformerLM,
+    prompt_ids: Tensor,
+    *,
+    gen_length: int,
+    steps: int,
+    block_length: int,
+    temperature: float,
+    mask_id: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """LLaDA sampling: (B, P) prompt -> (B, P + gen_length) ids, the answer decoded from all MASK.
+
+    The answer is split into gen_length / block_length blocks, decoded left to right with steps / num_blocks
+    steps each. A step runs the model on the whole sequence, predicts every masked position (`_predict`) and
+    commits the `schedule(block_length, steps_per_block)[step]` most confident masked positions of the current
+    block; later blocks stay masked until their turn (they are still read by the bidirectional model). The
+    prompt is never changed and every answer position is committed exactly once, so no MASK remains.
+
+    Args:
+        model: a bidirectional `TransformerLM` with a mask token (anything with `max_len` and (B, T) ids ->
+            (B, T, V) logits, V <= mask_id).
+        prompt_ids: (B, P) ids, P >= 1, without the mask id.
+        gen_length: answer tokens; P + gen_length <= model.max_len.
+        steps: model calls in all, a multiple of the number of blocks.
+        block_length: tokens per block, dividing gen_length (gen_length itself: one block, no semi-AR).
+        temperature: Gumbel noise scale; 0 commits the argmax.
+        mask_id: the MASK id, outside the model's vocabulary.
+        generator: source of the Gumbel noise, on the device of `prompt_ids` (None: the global RNG).
+    """
+    num_blocks = _check_mdm_args(model, prompt_ids, gen_length=gen_length, steps=steps, block_length=block_length,
+                                 temperature=temperature, mask_id=mask_id)
+    B, P = prompt_ids.shape
+    answer = torch.full((B, gen_length), mask_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
+    x = torch.cat([prompt_ids, answer], dim=1)  # (B, P + gen_length)
+    rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+    for block in range(num_blocks):
+        end = P + (block + 1) * block_length  # positions from `end` on belong to later blocks
+        for count in schedule(block_length, steps // num_blocks):
+            logits = model(x)  # (B, T, V)
+            if logits.shape[-1] > mask_id:
+                raise ValueError(f"mask_id={mask_id} is inside the model's {logits.shape[-1]}-token vocabulary")
+            predicted, confidence = _predict(logits, temperature=temperature, generator=generator)  # (B, T) each
+            candidates = x == mask_id
+            candidates[:, end:] = False  # only the current block's masked positions
+            confidence = confidence.masked_fill(~candidates, float("-inf"))
+            chosen = torch.topk(confidence, count, dim=1).indices  # (B, count), all masked: count <= remaining
+            x[rows, chosen] = predicted[rows, chosen]
+    return x
