@@ -534,8 +534,8 @@ class TextDataParams:
 class TextModelParams:
     """The text track's transformer (pre-norm, RoPE, SwiGLU), shared by both objectives."""
 
-    d_model: int = 128
-    n_layer: int = 4
+    d_model: int = 64
+    n_layer: int = 2
     n_head: int = 4
     seq_len: int = 128
 
@@ -571,7 +571,7 @@ class TextPretrainParams(TrainParams):
 
     section: ClassVar[str] = "text_pretrain"
 
-    epochs: int = 2
+    epochs: int = 3
     batch_size: int = 32
     base_lr: float = 2.0e-2
     warmup_epochs: float = 0.1
@@ -583,6 +583,23 @@ class TextPretrainParams(TrainParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(0 < self.mdm_eps < 1, "text_pretrain.mdm_eps", self.mdm_eps, "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class TextEvaluateParams:
+    """Validation scoring and samples of the text track's language models."""
+
+    mdm_samples: int = 4
+    prompt_tokens: int = 32
+    sample_tokens: int = 200
+    temperature: float = 0.8
+    block_length: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("mdm_samples", "prompt_tokens", "sample_tokens", "block_length"):
+            _check(getattr(self, name) >= 1, f"text_evaluate.{name}", getattr(self, name),
+                   "must be a positive integer")
+        _check(self.temperature >= 0, "text_evaluate.temperature", self.temperature, "must be >= 0 (0: greedy)")
 
 
 @dataclass(frozen=True)
@@ -603,6 +620,7 @@ class Params:
     text_ngram: TextNGramParams = dataclasses.field(default_factory=TextNGramParams)
     text_model: TextModelParams = dataclasses.field(default_factory=TextModelParams)
     text_pretrain: TextPretrainParams = dataclasses.field(default_factory=TextPretrainParams)
+    text_evaluate: TextEvaluateParams = dataclasses.field(default_factory=TextEvaluateParams)
 
     def __post_init__(self) -> None:
         _check(0 <= self.seed < 2**32, "seed", self.seed, "must be an integer in [0, 2**32)")

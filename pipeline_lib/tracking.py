@@ -121,6 +121,9 @@ class Tracker:
     def log_dict(self, dictionary: Mapping[str, Any], artifact_file: str) -> None:
         """Save a JSON or YAML document as an artifact."""
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Save text (e.g. a generated sample) as an artifact."""
+
     def log_dataset(
         self, images: np.ndarray, labels: np.ndarray | None, *, name: str, source: str, sha256: str, context: str
     ) -> None:
@@ -178,6 +181,9 @@ class MlflowTracker(Tracker):
 
     def log_dict(self, dictionary: Mapping[str, Any], artifact_file: str) -> None:
         self._client.log_dict(self.run_id, dict(dictionary), artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._client.log_text(self.run_id, text, artifact_file)
 
     def log_dataset(
         self, images: np.ndarray, labels: np.ndarray | None, *, name: str, source: str, sha256: str, context: str

@@ -39,6 +39,7 @@ def copy_project(path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
     for name in PROJECT_DIRS:
         shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((path / "params.yaml").read_text())
+    _toy_text_track(params)
     edit(params)
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "project"]):
@@ -50,3 +51,10 @@ def copy_project(path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
 def make_project() -> Callable[[Path, Callable[[dict[str, Any]], None]], Path]:
     """`copy_project`, for the module-scoped fixtures that build their repos with it."""
     return copy_project
+
+
+def _toy_text_track(params: dict[str, Any]) -> None:
+    """The text track at toy size (these tests are about the pipeline, not the language models)."""
+    params["text_model"].update(d_model=16, n_layer=1, n_head=2, seq_len=32)
+    params["text_pretrain"].update(epochs=1, batch_size=64, warmup_epochs=0.0)
+    params["text_evaluate"].update(mdm_samples=1, prompt_tokens=8, sample_tokens=16, block_length=8)

@@ -181,3 +181,13 @@ def _check_text(repo: Path) -> None:
     meta = json.loads((repo / "data/text/prepared/meta.json").read_text())
     assert meta["origin"] == "pydoc_data.topics" and meta["num_tokens"]["val"] > 0
     assert 1.0 < json.loads((repo / "metrics/text/ngram.json").read_text())["bpc"] < 3.0
+    summary = json.loads((repo / "metrics/text/evaluate.json").read_text())
+    assert set(summary) == {"ngram", "ar", "mdm", "gain"}
+    assert summary["ar"]["bpc"] > 0 and summary["mdm"]["bpc_bound"] > 0  # the masked model's figure is a bound
+    assert summary["gain"]["ar_vs_ngram"] == 1 - summary["ar"]["bpc"] / summary["ngram"]["bpc"]
+    client = mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    run = client.get_run(json.loads((repo / "models/text/mdm/run.json").read_text())["run_id"])
+    assert run.info.run_name == "text_pretrain_mdm" and run.data.tags["objective"] == "mdm"
+    evaluated = client.search_runs([run.info.experiment_id], "attributes.run_name = 'text_evaluate'")[0]
+    assert {a.path for a in client.list_artifacts(evaluated.info.run_id, "samples")} == {
+        "samples/ar.txt", "samples/mdm.txt"}

@@ -1,0 +1,92 @@
+"""The text track's evaluation: validation bits per character of the n-gram, AR and masked-diffusion models.
+
+Bits per character = total nats / ln 2 / characters, so char and BPE tokenizers compare. Both transformers
+read the validation tokens in the windows they were trained on (`seq_len + 1` ids, each window's last id the
+next one's first); the characters they cover are the validation characters times the share of tokens the
+windows cover. The AR figure is exact (teacher-forced next-token CE); the masked-diffusion figure is LLaDA's
+Monte Carlo upper bound (`mdm_nll_bound`) with a fixed seed and sample count, so it is marked as a bound.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline_lib.config import Params
+from pipeline_lib.losses.lm import mdm_nll_bound
+from pipeline_lib.models.transformer import TransformerLM
+from pipeline_lib.text.corpus import read_text_meta, read_tokens
+from pipeline_lib.text.lm import load_lm, token_windows
+from pipeline_lib.text.sampling import generate_ar, generate_mdm
+
+EVAL_BATCH = 64
+
+
+@torch.no_grad()
+def ar_nats(model: TransformerLM, windows: np.ndarray) -> float:
+    """Total next-token NLL (nats) of the last `seq_len` ids of each window given the ones before."""
+    total = 0.0
+    for start in range(0, len(windows), EVAL_BATCH):
+        ids = torch.from_numpy(windows[start : start + EVAL_BATCH].astype(np.int64))  # (b, L + 1)
+        logits = model(ids[:, :-1]).float()  # (b, L, V)
+        total += torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="sum").item()
+    return total
+
+
+@torch.no_grad()
+def mdm_nats(model: TransformerLM, windows: np.ndarray, *, num_samples: int, seed: int) -> float:
+    """Total Monte Carlo NLL bound (nats) of the first `seq_len` ids of each window, each scored on its own."""
+    generator = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for start in range(0, len(windows), EVAL_BATCH):
+        ids = torch.from_numpy(windows[start : start + EVAL_BATCH, :-1].astype(np.int64))  # (b, L)
+        total += mdm_nll_bound(model, ids, mask_id=model.mask_id, num_samples=num_samples, generator=generator).sum()
+    return float(total)
+
+
+def score(model_dir: Path, data: Path, params: Params) -> dict[str, Any]:
+    """Bits per character of one trained transformer on the validation split, with its size and speed."""
+    model, _, config = load_lm(model_dir)
+    meta = read_text_meta(data)
+    windows = token_windows(read_tokens(data, "val"), model.max_len)
+    covered = windows.shape[0] * model.max_len / meta["num_tokens"]["val"]  # share of the tokens scored
+    started = time.perf_counter()
+    if config["objective"] == "ar":
+        nats = ar_nats(model, windows)
+    else:
+        nats = mdm_nats(model, windows, num_samples=params.text_evaluate.mdm_samples, seed=params.seed)
+    seconds = time.perf_counter() - started
+    bpc = nats / math.log(2) / (meta["num_chars"]["val"] * covered)
+    return {("bpc" if config["objective"] == "ar" else "bpc_bound"): bpc,
+            "params": model.num_params(non_embedding=False), "non_embedding_params": model.num_params(),
+            "eval_tokens_per_second": windows.shape[0] * model.max_len / seconds, "scored_token_share": covered}
+
+
+def sample(model_dir: Path, data: Path, params: Params) -> str:
+    """A continuation of the validation text's first line, decoded: AR by sampling, MDM by LLaDA's sampler."""
+    model, tokenizer, config = load_lm(model_dir)
+    cfg = params.text_evaluate
+    prompt = _prompt(data, cfg.prompt_tokens)
+    generator = torch.Generator().manual_seed(params.seed)
+    if config["objective"] == "ar":
+        ids = generate_ar(model, prompt, max_new_tokens=cfg.sample_tokens, temperature=cfg.temperature,
+                          generator=generator)
+    else:
+        length = min(cfg.sample_tokens, model.max_len - prompt.shape[1])
+        length -= length % cfg.block_length
+        if length < 1:
+            raise ValueError(f"text_evaluate.prompt_tokens={cfg.prompt_tokens} leaves no room for one block of "
+                             f"text_evaluate.block_length={cfg.block_length} in text_model.seq_len={model.max_len}")
+        ids = generate_mdm(model, prompt, gen_length=length, steps=length, block_length=cfg.block_length,
+                           temperature=cfg.temperature, mask_id=model.mask_id, generator=generator)
+    return tokenizer.decode(ids[0].tolist())
+
+
+def _prompt(data: Path, length: int) -> torch.Tensor:
+    """The first `length` validation tokens, (1, length)."""
+    return torch.from_numpy(np.asarray(read_tokens(data, "val")[:length], dtype=np.int64))[None, :]

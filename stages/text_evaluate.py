@@ -1,0 +1,56 @@
+"""DVC stage `text_evaluate`: validation bits per character of the n-gram, AR and MDM models, side by side.
+
+Usage: python -m stages.text_evaluate --params params.yaml --data data/text/prepared --ngram metrics/text/ngram.json
+           --model ar=models/text/ar --model mdm=models/text/mdm --metrics metrics/text/evaluate.json
+The masked-diffusion figure is an upper bound (`bpc_bound`); a sample of each model goes to MLflow as text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline_lib.config import ConfigError, flatten, load_params
+from pipeline_lib.data.download import DataError
+from pipeline_lib.text.corpus import read_text_meta
+from pipeline_lib.text.evaluate import sample, score
+from pipeline_lib.tracking import TrackingUnavailable, read_run_record, stage_run, write_json_atomic
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--ngram", type=Path, required=True, help="the n-gram stage's metrics file")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=FOLDER", help="a trained LM")
+    parser.add_argument("--metrics", type=Path, required=True)
+    args = parser.parse_args()
+    models = dict(item.split("=", 1) for item in args.model)
+    try:
+        params = load_params(args.params)
+        upstream = {f"text_pretrain_{name}": read_run_record(Path(folder)).get("run_id", "unknown")
+                    for name, folder in models.items()}
+        with stage_run("text_evaluate", params, flatten(params.text_evaluate, prefix="text_evaluate."),
+                       inputs={"text": read_text_meta(args.data)["sha256"]["val.bin"]}, upstream=upstream) as run:
+            ngram = json.loads(args.ngram.read_text())["bpc"]
+            summary = {"ngram": {"bpc": ngram}}
+            for name, folder in models.items():
+                summary[name] = score(Path(folder), args.data, params)
+                run.log_text(sample(Path(folder), args.data, params), f"samples/{name}.txt")
+            summary["gain"] = {f"{name}_vs_ngram": 1 - next(iter(v for k, v in summary[name].items()
+                                                                   if k.startswith("bpc"))) / ngram
+                               for name in models}
+            run.log_metrics({f"{group}.{key}": value for group, values in summary.items()
+                             for key, value in values.items()})
+            write_json_atomic(args.metrics, summary)
+    except (ConfigError, DataError, TrackingUnavailable, FileNotFoundError, ValueError) as err:
+        sys.exit(f"text_evaluate: {err}")
+    print("text_evaluate: validation bits per character: " + ", ".join(
+        f"{name} {next(v for k, v in values.items() if k.startswith('bpc')):.4f}"
+        for name, values in summary.items() if name != "gain"))
+
+
+if __name__ == "__main__":
+    main()
