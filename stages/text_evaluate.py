@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline_lib.config import ConfigError, flatten, load_params
 from pipeline_lib.data.download import DataError
 from pipeline_lib.text.corpus import read_text_meta
-from pipeline_lib.text.evaluate import sample, score
+from pipeline_lib.text.evaluate import run_text_evaluate
 from pipeline_lib.tracking import TrackingUnavailable, read_run_record, stage_run, write_json_atomic
 
 
@@ -27,29 +27,22 @@ def main() -> None:
     parser.add_argument("--model", action="append", default=[], metavar="NAME=FOLDER", help="a trained LM")
     parser.add_argument("--metrics", type=Path, required=True)
     args = parser.parse_args()
-    models = dict(item.split("=", 1) for item in args.model)
     try:
+        models = {name: Path(folder) for name, _, folder in (item.partition("=") for item in args.model)}
+        if not models or not all(models) or Path() in models.values():
+            raise ValueError(f"--model {args.model}: give one or more NAME=FOLDER")
         params = load_params(args.params)
-        upstream = {f"text_pretrain_{name}": read_run_record(Path(folder)).get("run_id", "unknown")
+        upstream = {f"text_pretrain_{name}": read_run_record(folder).get("run_id", "unknown")
                     for name, folder in models.items()}
         with stage_run("text_evaluate", params, flatten(params.text_evaluate, prefix="text_evaluate."),
                        inputs={"text": read_text_meta(args.data)["sha256"]["val.bin"]}, upstream=upstream) as run:
-            ngram = json.loads(args.ngram.read_text())["bpc"]
-            summary = {"ngram": {"bpc": ngram}}
-            for name, folder in models.items():
-                summary[name] = score(Path(folder), args.data, params)
-                run.log_text(sample(Path(folder), args.data, params), f"samples/{name}.txt")
-            summary["gain"] = {f"{name}_vs_ngram": 1 - next(iter(v for k, v in summary[name].items()
-                                                                   if k.startswith("bpc"))) / ngram
-                               for name in models}
-            run.log_metrics({f"{group}.{key}": value for group, values in summary.items()
-                             for key, value in values.items()})
+            summary = run_text_evaluate(params, args.data, json.loads(args.ngram.read_text())["bpc"], models, run)
             write_json_atomic(args.metrics, summary)
     except (ConfigError, DataError, TrackingUnavailable, FileNotFoundError, ValueError) as err:
         sys.exit(f"text_evaluate: {err}")
     print("text_evaluate: validation bits per character: " + ", ".join(
-        f"{name} {next(v for k, v in values.items() if k.startswith('bpc')):.4f}"
-        for name, values in summary.items() if name != "gain"))
+        f"{name} {values.get('bpc', values.get('bpc_bound')):.4f}" for name, values in summary.items()
+        if name != "gain"))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def main() -> None:
             nats = -model.log_prob_sequence(read_tokens(args.data, "val"))
             summary = {
                 "bpc": bits_per_character(nats, meta["num_chars"]["val"]),
-                "bits_per_token": nats / meta["num_tokens"]["val"] / 0.6931471805599453,
+                "bits_per_token": bits_per_character(nats, meta["num_tokens"]["val"]),  # the same ratio per token
                 "distinct_ngrams": sum(model.distinct_ngrams),
                 "fit_seconds": round(fitted - started, 3),
                 "score_seconds": round(time.perf_counter() - fitted, 3),

@@ -9,7 +9,6 @@ Monte Carlo upper bound (`mdm_nll_bound`) with a fixed seed and sample count, so
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,9 @@ from pipeline_lib.losses.lm import mdm_nll_bound
 from pipeline_lib.models.transformer import TransformerLM
 from pipeline_lib.text.corpus import read_text_meta, read_tokens
 from pipeline_lib.text.lm import load_lm, token_windows
+from pipeline_lib.text.ngram import bits_per_character
 from pipeline_lib.text.sampling import generate_ar, generate_mdm
+from pipeline_lib.tracking import Tracker
 
 EVAL_BATCH = 64
 
@@ -49,42 +50,57 @@ def mdm_nats(model: TransformerLM, windows: np.ndarray, *, num_samples: int, see
     return float(total)
 
 
-def score(model_dir: Path, data: Path, params: Params) -> dict[str, Any]:
+BPC_KEY = {"ar": "bpc", "mdm": "bpc_bound"}  # the masked model's figure is an upper bound, and says so
+
+
+def run_text_evaluate(params: Params, data: Path, ngram_bpc: float, models: dict[str, Path],
+                      tracker: Tracker) -> dict[str, Any]:
+    """Score each trained model against the n-gram's bits per character; a sample of each goes to the run."""
+    summary: dict[str, Any] = {"ngram": {"bpc": ngram_bpc}}
+    gain = {}
+    for name, folder in models.items():
+        model, tokenizer, config = load_lm(folder)
+        objective = config["objective"]
+        summary[name] = score(model, objective, data, params)
+        tracker.log_text(tokenizer.decode(sample(model, objective, data, params)[0].tolist()),
+                         f"samples/{name}.txt")
+        gain[f"{name}_vs_ngram"] = 1 - summary[name][BPC_KEY[objective]] / ngram_bpc
+    summary["gain"] = gain
+    tracker.log_metrics({f"{group}.{key}": value for group, values in summary.items() for key, value in values.items()})
+    return summary
+
+
+def score(model: TransformerLM, objective: str, data: Path, params: Params) -> dict[str, Any]:
     """Bits per character of one trained transformer on the validation split, with its size and speed."""
-    model, _, config = load_lm(model_dir)
     meta = read_text_meta(data)
     windows = token_windows(read_tokens(data, "val"), model.max_len)
     covered = windows.shape[0] * model.max_len / meta["num_tokens"]["val"]  # share of the tokens scored
     started = time.perf_counter()
-    if config["objective"] == "ar":
+    if objective == "ar":
         nats = ar_nats(model, windows)
     else:
         nats = mdm_nats(model, windows, num_samples=params.text_evaluate.mdm_samples, seed=params.seed)
     seconds = time.perf_counter() - started
-    bpc = nats / math.log(2) / (meta["num_chars"]["val"] * covered)
-    return {("bpc" if config["objective"] == "ar" else "bpc_bound"): bpc,
+    return {BPC_KEY[objective]: bits_per_character(nats, round(meta["num_chars"]["val"] * covered)),
             "params": model.num_params(non_embedding=False), "non_embedding_params": model.num_params(),
             "eval_tokens_per_second": windows.shape[0] * model.max_len / seconds, "scored_token_share": covered}
 
 
-def sample(model_dir: Path, data: Path, params: Params) -> str:
-    """A continuation of the validation text's first line, decoded: AR by sampling, MDM by LLaDA's sampler."""
-    model, tokenizer, config = load_lm(model_dir)
+def sample(model: TransformerLM, objective: str, data: Path, params: Params) -> torch.Tensor:
+    """(1, P + new) ids continuing the validation text's first tokens: AR sampling, or LLaDA's sampler."""
     cfg = params.text_evaluate
     prompt = _prompt(data, cfg.prompt_tokens)
     generator = torch.Generator().manual_seed(params.seed)
-    if config["objective"] == "ar":
-        ids = generate_ar(model, prompt, max_new_tokens=cfg.sample_tokens, temperature=cfg.temperature,
-                          generator=generator)
-    else:
-        length = min(cfg.sample_tokens, model.max_len - prompt.shape[1])
-        length -= length % cfg.block_length
-        if length < 1:
-            raise ValueError(f"text_evaluate.prompt_tokens={cfg.prompt_tokens} leaves no room for one block of "
-                             f"text_evaluate.block_length={cfg.block_length} in text_model.seq_len={model.max_len}")
-        ids = generate_mdm(model, prompt, gen_length=length, steps=length, block_length=cfg.block_length,
-                           temperature=cfg.temperature, mask_id=model.mask_id, generator=generator)
-    return tokenizer.decode(ids[0].tolist())
+    if objective == "ar":
+        return generate_ar(model, prompt, max_new_tokens=cfg.sample_tokens, temperature=cfg.temperature,
+                           generator=generator)
+    length = min(cfg.sample_tokens, model.max_len - prompt.shape[1])
+    length -= length % cfg.block_length
+    if length < 1:
+        raise ValueError(f"text_evaluate.prompt_tokens={cfg.prompt_tokens} leaves no room for one block of "
+                         f"text_evaluate.block_length={cfg.block_length} in text_model.seq_len={model.max_len}")
+    return generate_mdm(model, prompt, gen_length=length, steps=length, block_length=cfg.block_length,
+                        temperature=cfg.temperature, mask_id=model.mask_id, generator=generator)
 
 
 def _prompt(data: Path, length: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline_lib.config import TextModelParams, TextPretrainParams, params_from_dict
+from pipeline_lib.config import params_from_dict
 from pipeline_lib.text.corpus import prepare_text
 from pipeline_lib.text.lm import LMPaths, LMTrainer, build_lm, load_lm, run_text_pretrain, token_windows
 from pipeline_lib.tracking import Tracker
@@ -84,4 +84,3 @@ def test_stage_entry_trains_writes_and_loads(tmp_path: Path) -> None:
     ids = torch.tensor([tokenizer.encode("the cat")])
     fresh = build_lm(tokenizer.vocab_size, params, "ar")
     assert not torch.allclose(model(ids), fresh(ids))  # the trained weights, not a new model's
-    assert isinstance(params.text_model, TextModelParams) and isinstance(params.text_pretrain, TextPretrainParams)
