@@ -64,9 +64,10 @@ class TrackingParams:
     experiment: str = "ssl-pipeline"
     encoder_model: str = "ssl-pipeline-encoder"
     classifier_model: str = "ssl-pipeline-classifier"
+    lm_model: str = "ssl-pipeline-lm"  # both text-track language models, each version tagged with its objective
 
     def __post_init__(self) -> None:
-        for name in ("experiment", "encoder_model", "classifier_model"):
+        for name in ("experiment", "encoder_model", "classifier_model", "lm_model"):
             value = getattr(self, name)
             _check(
                 bool(_NAME.fullmatch(value)),
@@ -511,8 +512,8 @@ class TextDataParams:
     sha256: str | None = None
     path: str | None = None
     val_fraction: float = 0.1
-    tokenizer: TokenizerKind = "char"
-    vocab_size: int = 512
+    tokenizer: TokenizerKind = "bpe"
+    vocab_size: int = 1024
 
     def __post_init__(self) -> None:
         _check(0 < self.val_fraction <= 0.5, "text_data.val_fraction", self.val_fraction, "must be in (0, 0.5]")
@@ -534,14 +535,16 @@ class TextDataParams:
 class TextModelParams:
     """The text track's transformer (pre-norm, RoPE, SwiGLU), shared by both objectives."""
 
-    d_model: int = 64
+    d_model: int = 96
     n_layer: int = 2
-    n_head: int = 4
-    seq_len: int = 128
+    n_head: int = 3
+    seq_len: int = 64
+    dropout: float = 0.0  # on embeddings, attention weights and residual branches, while training only
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layer", "n_head", "seq_len"):
             _check(getattr(self, name) >= 1, f"text_model.{name}", getattr(self, name), "must be a positive integer")
+        _check(0.0 <= self.dropout < 1.0, "text_model.dropout", self.dropout, "must be in [0, 1)")
         _check(self.d_model % self.n_head == 0 and (self.d_model // self.n_head) % 2 == 0, "text_model.n_head",
                self.n_head, f"must divide text_model.d_model={self.d_model} into heads of even size (RoPE)")
 
@@ -571,9 +574,9 @@ class TextPretrainParams(TrainParams):
 
     section: ClassVar[str] = "text_pretrain"
 
-    epochs: int = 3
-    batch_size: int = 32
-    base_lr: float = 2.0e-2
+    epochs: int = 6
+    batch_size: int = 16
+    base_lr: float = 4.0e-2
     warmup_epochs: float = 0.1
     weight_decay: float = 0.1
     adam_beta2: float = 0.99
@@ -590,10 +593,10 @@ class TextEvaluateParams:
     """Validation scoring and samples of the text track's language models."""
 
     mdm_samples: int = 4
-    prompt_tokens: int = 32
-    sample_tokens: int = 200
+    prompt_tokens: int = 16
+    sample_tokens: int = 100
     temperature: float = 0.8
-    block_length: int = 32
+    block_length: int = 16
 
     def __post_init__(self) -> None:
         for name in ("mdm_samples", "prompt_tokens", "sample_tokens", "block_length"):

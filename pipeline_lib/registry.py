@@ -12,12 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
 import pipeline_lib
 
 CHALLENGER = "challenger"
-REQUIREMENTS = ["torch", "torchvision", "timm", "numpy", "safetensors", "mlflow"]
+REQUIREMENTS = ["torch", "torchvision", "timm", "numpy", "safetensors", "tokenizers", "mlflow"]
 
 
 def register_model(
@@ -26,26 +24,28 @@ def register_model(
     *,
     name: str,
     artifact_name: str,
-    input_example: np.ndarray,
+    input_example: Any,
     tags: Mapping[str, str],
     alias: str | None = CHALLENGER,
+    inference_params: Mapping[str, Any] | None = None,
 ) -> int:
     """Log `model_dir` as a pyfunc model in the active run, register it under `name`, tag it; return the version.
 
     The library itself is packed with the model (`code_paths`), so the version loads without this checkout.
+    `inference_params` (name -> default) become the signature's params, which `predict` callers may set.
     """
     import mlflow
     from mlflow.models import infer_signature
 
     python_model.load_context(_Context(model_dir))
-    output = python_model.predict(None, input_example)
+    output = python_model.predict(None, input_example, dict(inference_params or {}))
     info = mlflow.pyfunc.log_model(
         name=artifact_name,
         python_model=python_model,
         artifacts={"model_dir": str(model_dir)},
         code_paths=[str(Path(pipeline_lib.__file__).parent)],
-        signature=infer_signature(input_example, output),
-        input_example=input_example,
+        signature=infer_signature(input_example, output, params=inference_params),
+        input_example=input_example if inference_params is None else (input_example, dict(inference_params)),
         pip_requirements=REQUIREMENTS,
         registered_model_name=name,
     )

@@ -1,10 +1,11 @@
 """The text track's evaluation: validation bits per character of the n-gram, AR and masked-diffusion models.
 
-Bits per character = total nats / ln 2 / characters, so char and BPE tokenizers compare. Both transformers
-read the validation tokens in the windows they were trained on (`seq_len + 1` ids, each window's last id the
-next one's first); the characters they cover are the validation characters times the share of tokens the
-windows cover. The AR figure is exact (teacher-forced next-token CE); the masked-diffusion figure is LLaDA's
-Monte Carlo upper bound (`mdm_nll_bound`) with a fixed seed and sample count, so it is marked as a bound.
+Bits per character = total nats / ln 2 / characters, so char and BPE tokenizers compare. The AR model reads
+the validation tokens in sliding windows of its `seq_len` (`sliding_windows`), so, like the n-gram, it scores
+every token but the first and each with context; the masked model reads consecutive windows of `seq_len`, each
+scored on its own. The characters scored are the validation characters times the share of tokens scored. The
+AR figure is exact (teacher-forced next-token CE); the masked-diffusion figure is LLaDA's Monte Carlo upper
+bound (`mdm_nll_bound`) with a fixed seed and sample count, so it is marked as a bound.
 """
 
 from __future__ import annotations
@@ -28,14 +29,44 @@ from pipeline_lib.tracking import Tracker
 EVAL_BATCH = 64
 
 
+def sliding_windows(num_tokens: int, length: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Starts of windows of `length` inputs over `num_tokens` ids, and the first position each window scores.
+
+    Windows start every `stride` ids and the last one ends at the last id, so every id but the first is a target
+    exactly once: the first window scores all its positions, each later one only the targets past the previous
+    window's end, which therefore see at least `length - stride` ids of context (the standard sliding-window
+    perplexity evaluation).
+
+    Examples:
+        >>> starts, first = sliding_windows(11, 4, 2)
+        >>> starts.tolist(), first.tolist()
+        ([0, 2, 4, 6], [0, 2, 2, 2])
+    """
+    if not 1 <= stride <= length or num_tokens < length + 1:
+        raise ValueError(f"need 1 <= stride={stride} <= length={length} < num_tokens={num_tokens}")
+    starts = list(range(0, num_tokens - length, stride))
+    if starts[-1] + length < num_tokens - 1:
+        starts.append(num_tokens - 1 - length)
+    starts_array = np.asarray(starts, dtype=np.int64)
+    first = np.zeros_like(starts_array)
+    first[1:] = starts_array[:-1] + length - starts_array[1:]  # the previous window's end, in this one
+    return starts_array, first
+
+
 @torch.no_grad()
-def ar_nats(model: TransformerLM, windows: np.ndarray) -> float:
-    """Total next-token NLL (nats) of the last `seq_len` ids of each window given the ones before."""
+def ar_nats(model: TransformerLM, tokens: np.ndarray, *, stride: int) -> float:
+    """Total next-token NLL (nats) of `tokens[1:]`, each scored once by `sliding_windows` of `max_len` inputs."""
+    length = model.max_len
+    starts, first = sliding_windows(len(tokens), length, stride)
+    offsets = np.arange(length + 1)
     total = 0.0
-    for start in range(0, len(windows), EVAL_BATCH):
-        ids = torch.from_numpy(windows[start : start + EVAL_BATCH].astype(np.int64))  # (b, L + 1)
+    for batch in range(0, len(starts), EVAL_BATCH):
+        index = starts[batch : batch + EVAL_BATCH, None] + offsets  # (b, L + 1)
+        ids = torch.from_numpy(np.asarray(tokens)[index].astype(np.int64))
         logits = model(ids[:, :-1]).float()  # (b, L, V)
-        total += torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="sum").item()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (b, L)
+        scored = torch.arange(length)[None, :] >= torch.from_numpy(first[batch : batch + EVAL_BATCH])[:, None]
+        total += nll[scored].sum().item()
     return total
 
 
@@ -71,19 +102,27 @@ def run_text_evaluate(params: Params, data: Path, ngram_bpc: float, models: dict
 
 
 def score(model: TransformerLM, objective: str, data: Path, params: Params) -> dict[str, Any]:
-    """Bits per character of one trained transformer on the validation split, with its size and speed."""
+    """Bits per character of one trained transformer on the validation split, with its size and speed.
+
+    The AR model scores every validation token but the first, in sliding windows of `max_len` advancing by half
+    of it; the masked model scores the tokens of consecutive `max_len` windows, each on its own. The characters
+    are the validation characters times the share of tokens scored.
+    """
     meta = read_text_meta(data)
-    windows = token_windows(read_tokens(data, "val"), model.max_len)
-    covered = windows.shape[0] * model.max_len / meta["num_tokens"]["val"]  # share of the tokens scored
+    tokens = read_tokens(data, "val")
     started = time.perf_counter()
     if objective == "ar":
-        nats = ar_nats(model, windows)
+        nats = ar_nats(model, tokens, stride=max(1, model.max_len // 2))
+        scored = len(tokens) - 1
     else:
+        windows = token_windows(tokens, model.max_len)
         nats = mdm_nats(model, windows, num_samples=params.text_evaluate.mdm_samples, seed=params.seed)
+        scored = windows.shape[0] * model.max_len
     seconds = time.perf_counter() - started
+    covered = scored / meta["num_tokens"]["val"]
     return {BPC_KEY[objective]: bits_per_character(nats, round(meta["num_chars"]["val"] * covered)),
             "params": model.num_params(non_embedding=False), "non_embedding_params": model.num_params(),
-            "eval_tokens_per_second": windows.shape[0] * model.max_len / seconds, "scored_token_share": covered}
+            "eval_tokens_per_second": scored / seconds, "scored_token_share": covered}
 
 
 def sample(model: TransformerLM, objective: str, data: Path, params: Params) -> torch.Tensor:

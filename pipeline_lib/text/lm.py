@@ -49,7 +49,8 @@ def build_lm(vocab_size: int, params: Params, objective: str) -> TransformerLM:
     """The transformer `text_model` describes: causal for `ar`, bidirectional with a MASK id for `mdm`."""
     cfg = params.text_model
     return TransformerLM(vocab_size, d_model=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                         max_len=cfg.seq_len, causal=objective == "ar", mask_token=objective == "mdm")
+                         max_len=cfg.seq_len, causal=objective == "ar", mask_token=objective == "mdm",
+                         dropout=cfg.dropout)
 
 
 class LMTrainer(Trainer):
@@ -133,8 +134,11 @@ def run_text_pretrain(params: Params, paths: LMPaths, objective: str, tracker: T
 
 def write_outputs(params: Params, paths: LMPaths, objective: str, trainer: Trainer, summary: dict[str, Any],
                   tracker: Tracker) -> None:
-    """Model folder, loss curve and metrics, each written aside and renamed into place."""
+    """Model folder, loss curve and metrics, each written aside and renamed into place; the model is registered
+    in MLflow as a version of `tracking.lm_model` tagged with its objective, and `run.json` points at it."""
     from pipeline_lib.eval.plots import write_csv
+    from pipeline_lib.registry import register_model
+    from pipeline_lib.serving import LanguageModel
 
     model: TransformerLM = trainer.model  # type: ignore[assignment]
     with staged_dir(paths.plots) as plots:
@@ -148,7 +152,14 @@ def write_outputs(params: Params, paths: LMPaths, objective: str, trainer: Train
         shutil.copy(paths.data / TOKENIZER_FILE, out / TOKENIZER_FILE)
     tracker.log_metrics({k: float(v) for k, v in summary.items()}, step=summary["steps"])
     tracker.flush()
-    write_run_record(paths.out / "run.json", tracker, objective=objective)
+    version = None
+    if tracker.run_id is not None:
+        example = load_tokenizer(paths.data / TOKENIZER_FILE).decode(read_tokens(paths.data, "train")[:16].tolist())
+        version = register_model(LanguageModel(), paths.out, name=params.tracking.lm_model, artifact_name="lm",
+                                 input_example=[example], inference_params=LanguageModel.default_params(model.max_len),
+                                 tags={**tracker.lineage, "objective": objective})
+    write_run_record(paths.out / "run.json", tracker, objective=objective, model_name=params.tracking.lm_model,
+                     model_version=version)
     write_json_atomic(paths.metrics, summary)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,9 @@ import mlflow.pyfunc
 import numpy as np
 import pytest
 import yaml
+
+from pipeline_lib.serving import LanguageModel
+from pipeline_lib.text.generate import SamplerSettings
 
 
 def _run(repo: Path, *command: str) -> str:
@@ -191,3 +195,32 @@ def _check_text(repo: Path) -> None:
     evaluated = client.search_runs([run.info.experiment_id], "attributes.run_name = 'text_evaluate'")[0]
     assert {a.path for a in client.list_artifacts(evaluated.info.run_id, "samples")} == {
         "samples/ar.txt", "samples/mdm.txt"}
+    _check_language_models(repo, client)
+
+
+def _check_language_models(repo: Path, client: mlflow.MlflowClient) -> None:
+    """Both language models are versions of `ssl-pipeline-lm`, tagged with their objective, that generate text
+    through MLflow and through the command line."""
+    versions = {}
+    for objective in ("ar", "mdm"):
+        record = json.loads((repo / f"models/text/{objective}/run.json").read_text())
+        version = client.get_model_version(record["model_name"], str(record["model_version"]))
+        assert record["model_name"] == "ssl-pipeline-lm" and version.run_id == record["run_id"]
+        assert version.tags["objective"] == objective and version.tags["upstream.text_fetch.run_id"]
+        versions[objective] = version.version
+    newest = max(versions, key=lambda objective: int(versions[objective]))
+    assert client.get_model_version_by_alias("ssl-pipeline-lm", "challenger").version == versions[newest]
+    # A registered version generates what its model folder generates, through MLflow and the command line.
+    mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
+    model = mlflow.pyfunc.load_model(f"models:/ssl-pipeline-lm/{versions['ar']}")
+    texts = model.predict(["The ", "A "], params={"max_new_tokens": 6, "seed": 1})
+    local = LanguageModel.from_folder(repo / "models/text/ar")
+    assert texts == [local.generate(prompt, SamplerSettings(max_new_tokens=6, seed=1))[0] for prompt in ("The ", "A ")]
+    done = subprocess.run(["python", "-m", "pipeline_lib.text.generate", "models:/ssl-pipeline-lm@challenger",
+                           "--prompt", "The ", "--max-new-tokens", "8", "--block-length", "4", "--steps", "4"],
+                          cwd=repo, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db"})
+    assert done.returncode == 0, done.stderr
+    expected = LanguageModel.from_folder(repo / f"models/text/{newest}").generate(
+        "The ", SamplerSettings(max_new_tokens=8, block_length=4, steps=4))[0]
+    assert done.stdout == f"--- sample 0 ---\nThe {expected}\n"
