@@ -20,10 +20,13 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import mlflow.pyfunc
 import torch
 
 from pipeline_lib.models.transformer import TransformerLM
+from pipeline_lib.text.lm import load_lm
 from pipeline_lib.text.sampling import generate_ar, generate_mdm
 from pipeline_lib.text.tokenizer import Tokenizer
 
@@ -75,13 +78,50 @@ def generate_text(model: TransformerLM, tokenizer: Tokenizer, objective: str, pr
     return [tokenizer.decode(row[prompt_ids.shape[1]:].tolist()) for row in out.cpu()]
 
 
-def load_language_model(source: str):  # -> serving.LanguageModel
+class LanguageModel(mlflow.pyfunc.PythonModel):
+    """Prompts (a list of strings, or a one-column DataFrame) -> one generated continuation per prompt.
+
+    The sampler's knobs are MLflow inference params: `max_new_tokens`, `temperature`, `top_k` (0: all tokens),
+    `steps` (mdm; 0: one per new token), `block_length` (mdm) and `seed`; their defaults, recorded in the
+    signature, are `default_params(max_len)`. The model's `config.json` says which sampler runs (`ar` or `mdm`).
+    """
+
+    @staticmethod
+    def default_params(max_len: int) -> dict[str, Any]:
+        """Sampler defaults that fit a model of `max_len` tokens: up to 32 new tokens in one block."""
+        new = min(32, max_len // 2)
+        return {"max_new_tokens": new, "temperature": 0.8, "top_k": 0, "steps": 0, "block_length": new, "seed": 0}
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> LanguageModel:
+        """Load a model folder directly, without MLflow."""
+        model = cls()
+        model._load(Path(folder))
+        return model
+
+    def load_context(self, context: Any) -> None:
+        self._load(Path(context.artifacts["model_dir"]))
+
+    def _load(self, folder: Path) -> None:
+        self.model, self.tokenizer, self.config = load_lm(folder)
+
+    def generate(self, prompt: str, settings: SamplerSettings) -> list[str]:
+        """`settings.num_samples` continuations of `prompt`."""
+        return generate_text(self.model, self.tokenizer, self.config["objective"], prompt, settings)
+
+    def predict(self, context, model_input, params=None):
+        knobs = {**self.default_params(self.model.max_len), **(params or {})}
+        settings = SamplerSettings(max_new_tokens=int(knobs["max_new_tokens"]),
+                                   temperature=float(knobs["temperature"]), top_k=int(knobs["top_k"]) or None,
+                                   steps=int(knobs["steps"]) or None, block_length=int(knobs["block_length"]),
+                                   seed=int(knobs["seed"]))
+        prompts = model_input.iloc[:, 0].tolist() if hasattr(model_input, "iloc") else list(model_input)
+        return [self.generate(str(prompt), settings)[0] for prompt in prompts]
+
+
+def load_language_model(source: str) -> LanguageModel:
     """A model folder or a `models:/` URI -> the loaded `LanguageModel` (the registry's pyfunc wrapper)."""
-    from pipeline_lib.serving import LanguageModel
-
     if source.startswith(("models:/", "runs:/")):
-        import mlflow.pyfunc
-
         return mlflow.pyfunc.load_model(source).unwrap_python_model()
     folder = Path(source)
     if not (folder / "config.json").is_file():

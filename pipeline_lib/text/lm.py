@@ -109,6 +109,7 @@ def run_text_pretrain(params: Params, paths: LMPaths, objective: str, tracker: T
     """Train the language model (resuming a matching checkpoint); rank 0 writes the model, metrics and curve."""
     meta = read_text_meta(paths.data)
     windows = token_windows(read_tokens(paths.data, "train"), params.text_model.seq_len)
+    torch.manual_seed(params.seed)  # identical initial weights in every run and on every process
     model = build_lm(meta["vocab_size"], params, objective)
     trainer = LMTrainer(model, params.text_pretrain, windows, nn.Identity(), objective=objective,
                         mdm_eps=params.text_pretrain.mdm_eps, device=device, seed=params.seed,
@@ -138,7 +139,7 @@ def write_outputs(params: Params, paths: LMPaths, objective: str, trainer: Train
     in MLflow as a version of `tracking.lm_model` tagged with its objective, and `run.json` points at it."""
     from pipeline_lib.eval.plots import write_csv
     from pipeline_lib.registry import register_model
-    from pipeline_lib.serving import LanguageModel
+    from pipeline_lib.text.generate import LanguageModel
 
     model: TransformerLM = trainer.model  # type: ignore[assignment]
     with staged_dir(paths.plots) as plots:

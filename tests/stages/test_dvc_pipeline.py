@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline_lib.serving import LanguageModel
-from pipeline_lib.text.generate import SamplerSettings
+from pipeline_lib.text.generate import LanguageModel, SamplerSettings
 
 
 def _run(repo: Path, *command: str) -> str:

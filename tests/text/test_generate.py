@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from pipeline_lib.config import params_from_dict
-from pipeline_lib.serving import LanguageModel
 from pipeline_lib.text.corpus import prepare_text
-from pipeline_lib.text.generate import SamplerSettings, generate_text, main
+from pipeline_lib.text.generate import LanguageModel, SamplerSettings, generate_text, main
 from pipeline_lib.text.lm import LMPaths, run_text_pretrain
 from pipeline_lib.tracking import Tracker
 

@@ -84,3 +84,18 @@ def test_stage_entry_trains_writes_and_loads(tmp_path: Path) -> None:
     ids = torch.tensor([tokenizer.encode("the cat")])
     fresh = build_lm(tokenizer.vocab_size, params, "ar")
     assert not torch.allclose(model(ids), fresh(ids))  # the trained weights, not a new model's
+
+
+def test_training_does_not_depend_on_the_global_random_state(tmp_path: Path) -> None:
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("the cat sat on the mat.\n" * 40 + "a dog.\n" * 10)
+    prepare_text("folder", path=tmp_path / "corpus", val_fraction=0.2, out_dir=tmp_path / "data",
+                 cache_dir=tmp_path / "c")
+    weights = []
+    for run, noise in enumerate((1, 1000)):
+        torch.rand(noise)  # whatever ran before in the process must not change the model
+        paths = LMPaths(tmp_path / "data", tmp_path / f"ar{run}", tmp_path / f"ar{run}.json", tmp_path / f"p{run}",
+                        tmp_path / f"c{run}")
+        run_text_pretrain(_params(epochs=1), paths, "ar", Tracker(), torch.device("cpu"))
+        weights.append((paths.out / "model.safetensors").read_bytes())
+    assert weights[0] == weights[1]
