@@ -45,4 +45,3 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
         pixels = torch.from_numpy(np.array(model_input, dtype=np.uint8))  # a writable copy
         with torch.no_grad():
             return torch.softmax(self.classifier(self.preprocess(pixels)).float(), dim=1).numpy()
-

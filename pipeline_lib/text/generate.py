@@ -24,6 +24,7 @@ from typing import Any
 
 import mlflow.pyfunc
 import torch
+from mlflow.exceptions import MlflowException
 
 from pipeline_lib.models.transformer import TransformerLM
 from pipeline_lib.text.lm import load_lm
@@ -144,8 +145,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, default=defaults.num_samples)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     args = parser.parse_args(argv)
-    from mlflow.exceptions import MlflowException
-
     try:
         settings = SamplerSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                    top_k=args.top_k, steps=args.steps, block_length=args.block_length,
