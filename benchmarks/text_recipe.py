@@ -8,8 +8,8 @@ Nothing is tracked. Run one at a time on a quiet machine; the seconds are wall t
 
 Examples:
     python benchmarks/text_recipe.py                                       # the committed recipe
-    python benchmarks/text_recipe.py --objective ar -S text_model.d_model=128 -S text_model.n_layer=4 \\
-        -S text_model.dropout=0.1 -S text_pretrain.epochs=16               # a bigger AR model, longer
+    python benchmarks/text_recipe.py --objective ar -S text_model.d_model=128 -S text_model.n_head=4 \\
+        -S text_model.n_layer=4 -S text_model.dropout=0.1 -S text_pretrain.epochs=16   # bigger, longer
     python benchmarks/text_recipe.py -S text_data.tokenizer=char -S text_model.seq_len=128
 """
 
