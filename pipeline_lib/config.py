@@ -65,9 +65,10 @@ class TrackingParams:
     encoder_model: str = "ssl-pipeline-encoder"
     classifier_model: str = "ssl-pipeline-classifier"
     lm_model: str = "ssl-pipeline-lm"  # both text-track language models, each version tagged with its objective
+    task_model: str = "ssl-pipeline-task-lm"  # the finetuned and GRPO task models, tagged with objective and stage
 
     def __post_init__(self) -> None:
-        for name in ("experiment", "encoder_model", "classifier_model", "lm_model"):
+        for name in ("experiment", "encoder_model", "classifier_model", "lm_model", "task_model"):
             value = getattr(self, name)
             _check(
                 bool(_NAME.fullmatch(value)),
@@ -605,6 +606,142 @@ class TextEvaluateParams:
         _check(self.temperature >= 0, "text_evaluate.temperature", self.temperature, "must be >= 0 (0: greedy)")
 
 
+TaskSource = Literal["generate", "jsonl"]
+TaskKind = Literal["addition", "reversal", "countdown"]
+TaskChecker = Literal["auto", "exact", "numeric", "countdown"]
+TextReward = Literal["accuracy", "format", "combined"]
+Aggregation = Literal["token", "sample"]
+
+
+@dataclass(frozen=True)
+class TextTaskParams:
+    """The verifiable task the language models are finetuned on and post-trained against (`pipeline_lib.text.tasks`).
+
+    `generate` draws `train_size` + `rl_size` + `test_size` distinct prompts of `kind` with `seed` (options:
+    `digits` for addition, `min_len`/`max_len` for reversal, `max_number` for countdown); `jsonl` reads the three
+    files (one ``{"prompt": ..., "answer": ...}`` per line) and needs a declared `checker`. A completion is the
+    answer in ``<answer>...</answer>`` tags and an end-of-sequence token, at most `answer_tokens` tokens.
+    """
+
+    source: TaskSource = "generate"
+    kind: TaskKind = "addition"
+    digits: int = 2
+    min_len: int = 3
+    max_len: int = 8
+    max_number: int = 20
+    train_size: int = 4000
+    rl_size: int = 1000
+    test_size: int = 256
+    train_path: str | None = None
+    rl_path: str | None = None
+    test_path: str | None = None
+    checker: TaskChecker = "auto"
+    answer_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("train_size", "rl_size", "test_size", "answer_tokens"):
+            _check(getattr(self, name) >= 1, f"text_task.{name}", getattr(self, name), "must be a positive integer")
+        for name in ("train_path", "rl_path", "test_path"):
+            value = getattr(self, name)
+            if self.source == "jsonl":
+                _check(bool(value), f"text_task.{name}", value, "is required with text_task.source='jsonl'")
+            else:
+                _check(value is None, f"text_task.{name}", value,
+                       "is only read with text_task.source='jsonl'; set it to null")
+        _check(self.source == "generate" or self.checker != "auto", "text_task.checker", self.checker,
+               "must be declared (exact, numeric or countdown) with text_task.source='jsonl'")
+
+
+@dataclass(frozen=True)
+class TextSFTParams(TrainParams):
+    """Supervised finetuning of a language model on the task's train split: the answer tokens only for `ar`,
+    LLaDA's SFT (the prompt never masked) for `mdm`. The from-scratch baseline has the same budget."""
+
+    section: ClassVar[str] = "text_sft"
+
+    epochs: int = 4
+    batch_size: int = 16
+    base_lr: float = 4.0e-2
+    warmup_epochs: float = 0.1
+    weight_decay: float = 0.1
+    adam_beta2: float = 0.99
+    clip_grad: float | None = 1.0
+    mdm_eps: float = 1.0e-3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(0 < self.mdm_eps < 1, "text_sft.mdm_eps", self.mdm_eps, "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class TextRLParams(TrainParams):
+    """GRPO of a finetuned language model on the task's `rl` split against a rule reward (`losses.grpo`).
+
+    `batch_size` counts prompts; each gets `group_size` completions sampled at `temperature` (`mdm`: LLaDA's
+    sampler in blocks of `block_length`). `reward`: `accuracy` (1 right), `format` (1 well formed) or
+    `combined` (TinyZero: 0 malformed, `format_score` well formed but wrong, 1 right). For `mdm` the
+    log-probabilities are d1's one-pass estimate, each prompt token masked with `prompt_mask_prob`.
+    """
+
+    section: ClassVar[str] = "text_rl"
+
+    epochs: int = 3
+    batch_size: int = 16
+    base_lr: float = 4.0e-3
+    warmup_epochs: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta2: float = 0.99
+    clip_grad: float | None = 1.0
+    group_size: int = 8
+    temperature: float = 1.0
+    block_length: int = 8
+    reward: TextReward = "combined"
+    format_score: float = 0.1
+    scale_rewards: RewardScale = "group"
+    epsilon: float = 0.2
+    epsilon_high: float = 0.28
+    num_iterations: int = 1
+    beta: float = 0.04
+    aggregation: Aggregation = "token"
+    prompt_mask_prob: float = 0.15
+    samples_every: int = 20
+    log_every: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.group_size >= 2, "text_rl.group_size", self.group_size,
+               "must be >= 2 (advantages are relative to the group)")
+        _check(self.temperature > 0, "text_rl.temperature", self.temperature,
+               "must be > 0 (greedy completions of a prompt would all be the same)")
+        _check(self.block_length >= 1, "text_rl.block_length", self.block_length, "must be a positive integer")
+        _check(0 <= self.format_score < 1, "text_rl.format_score", self.format_score,
+               "must be in [0, 1) (a right answer earns 1)")
+        _check(0 < self.epsilon < 1, "text_rl.epsilon", self.epsilon, "must be in (0, 1)")
+        _check(self.epsilon_high >= self.epsilon, "text_rl.epsilon_high", self.epsilon_high,
+               f"must be >= text_rl.epsilon={self.epsilon} (clip-higher widens only the upper side)")
+        _check(self.num_iterations >= 1, "text_rl.num_iterations", self.num_iterations, "must be a positive integer")
+        _check(self.beta >= 0, "text_rl.beta", self.beta, "must be >= 0 (0: no KL penalty)")
+        _check(0 <= self.prompt_mask_prob < 1, "text_rl.prompt_mask_prob", self.prompt_mask_prob, "must be in [0, 1)")
+        _check(self.samples_every >= 1, "text_rl.samples_every", self.samples_every, "must be a positive integer")
+
+
+@dataclass(frozen=True)
+class TextTaskEvaluateParams:
+    """Test-split scoring of the task models: greedy exact match and format rate, and pass@k from `pass_k`
+    samples per prompt at `temperature` (`mdm`: LLaDA's low-confidence sampler in blocks of `block_length`)."""
+
+    pass_k: int = 4
+    temperature: float = 1.0
+    block_length: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("pass_k", "block_length"):
+            _check(getattr(self, name) >= 1, f"text_task_evaluate.{name}", getattr(self, name),
+                   "must be a positive integer")
+        _check(self.temperature > 0, "text_task_evaluate.temperature", self.temperature,
+               "must be > 0 (pass@k needs distinct samples)")
+
+
 @dataclass(frozen=True)
 class Params:
     """The whole `params.yaml`."""
@@ -624,6 +761,10 @@ class Params:
     text_model: TextModelParams = dataclasses.field(default_factory=TextModelParams)
     text_pretrain: TextPretrainParams = dataclasses.field(default_factory=TextPretrainParams)
     text_evaluate: TextEvaluateParams = dataclasses.field(default_factory=TextEvaluateParams)
+    text_task: TextTaskParams = dataclasses.field(default_factory=TextTaskParams)
+    text_sft: TextSFTParams = dataclasses.field(default_factory=TextSFTParams)
+    text_rl: TextRLParams = dataclasses.field(default_factory=TextRLParams)
+    text_task_evaluate: TextTaskEvaluateParams = dataclasses.field(default_factory=TextTaskEvaluateParams)
 
     def __post_init__(self) -> None:
         _check(0 <= self.seed < 2**32, "seed", self.seed, "must be an integer in [0, 2**32)")

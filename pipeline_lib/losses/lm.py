@@ -128,6 +128,60 @@ def mdm_loss(logits: Tensor, ids: Tensor, masked: Tensor, p: Tensor) -> Tensor:
     return weighted.sum() / (B * L)
 
 
+def sft_ar_loss(logits: Tensor, ids: Tensor, answer: Tensor) -> Tensor:
+    """Supervised finetuning of a causal model: next-token cross-entropy on the answer tokens only.
+
+    Args:
+        logits: (B, T - 1, V), the model's output on `ids[:, :-1]`.
+        ids: (B, T) prompt, answer and padding ids.
+        answer: (B, T) bool, the positions whose token is learned (the completion and its end-of-sequence id).
+            Prompt and padding positions are never targets, whatever their logits.
+
+    Returns:
+        Scalar loss, the mean over every answer token of the batch, in nats per token.
+    """
+    if answer.shape != ids.shape or answer.dtype != torch.bool:
+        raise ValueError(f"answer must be a bool tensor of the ids' shape {tuple(ids.shape)}, got {answer.dtype} "
+                         f"{tuple(answer.shape)}")
+    if not answer[:, 0].logical_not().all():
+        raise ValueError("the first position cannot be an answer token: nothing precedes it")
+    return ar_loss(logits, ids[:, 1:].masked_fill(~answer[:, 1:], -100))
+
+
+def sft_mdm_loss(logits: Tensor, ids: Tensor, masked: Tensor, p: Tensor, response: Tensor) -> Tensor:
+    """LLaDA's supervised finetuning loss (Nie et al. 2025, section 2.3 and Appendix B.1).
+
+    The prompt is never masked: only the response (answer and end-of-sequence padding) is corrupted, each of
+    its tokens masked with its sequence's probability p. Each sequence's sum of CE / p over its masked tokens is
+    divided by its response length, and the batch takes the mean over sequences:
+
+        L = 1 / B Σ_b (1 / |response_b|) Σ_{i masked in b} -log p_θ(x_i | x_noisy) / p_b.
+
+    Args:
+        logits: (B, T, V), the model's output on the noisy ids.
+        ids: (B, T) clean ids.
+        masked: (B, T) bool, masked positions; must lie inside `response`.
+        p: (B,) masking probability of each sequence.
+        response: (B, T) bool, the answer and its end-of-sequence padding.
+    """
+    for name, value in (("response", response), ("masked", masked)):
+        if value.shape != ids.shape or value.dtype != torch.bool:
+            raise ValueError(f"{name} must be a bool tensor of the ids' shape {tuple(ids.shape)}, got {value.dtype} "
+                             f"{tuple(value.shape)}")
+    if p.shape != ids.shape[:1]:
+        raise ValueError(f"p must have shape ({ids.shape[0]},) (one masking probability per sequence), "
+                         f"got {tuple(p.shape)}")
+    if (masked & ~response).any():
+        raise ValueError("masked positions outside the response: the SFT loss never masks the prompt")
+    lengths = response.sum(dim=1)  # (B,)
+    if (lengths == 0).any():
+        raise ValueError("every sequence needs a response of at least one token")
+    _check_logits(logits, ids, "ids")
+    ce = F.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none")  # (B, T)
+    weighted = torch.where(masked, ce / p.float()[:, None], torch.zeros_like(ce))
+    return (weighted.sum(dim=1) / lengths).mean()
+
+
 def mask_exactly(lengths: Tensor, seq_len: int, *, generator: torch.Generator | None, device: torch.device) -> Tensor:
     """(B,) counts l_b -> (B, seq_len) bool masks with exactly l_b True positions each, uniform among such masks.
 

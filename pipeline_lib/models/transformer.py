@@ -82,14 +82,16 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model, bias=False)  # residual projection (scaled init)
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """(B, T, C) -> (B, T, C)."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """(B, T, C) -> (B, T, C); `attn_mask` (B, 1, T, T) bool, True where a query may read a key, replaces
+        the causal flag (it already holds causality)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         dropout_p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=self.causal)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                           is_causal=self.causal and attn_mask is None)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y))
 
@@ -120,9 +122,9 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(d_model, eps=1e-6)
         self.mlp = SwiGLU(d_model, dropout=dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         """(B, T, C) -> (B, T, C)."""
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -199,16 +201,52 @@ class TransformerLM(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return total - self.embed.weight.numel() if non_embedding else total
 
-    def forward(self, ids: Tensor) -> Tensor:
-        """(B, T) token ids, T <= max_len, the mask id allowed with `mask_token` -> logits (B, T, vocab_size)."""
+    def forward(self, ids: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """(B, T) token ids, T <= max_len, the mask id allowed with `mask_token` -> logits (B, T, vocab_size).
+
+        `key_mask` (B, T) bool marks the real tokens of a padded batch: no position reads a padding position
+        (False), so the logits of the real positions are those of the unpadded sequence wherever the padding
+        sits (left padding keeps the relative positions RoPE sees). A padding position reads only itself; its
+        logits are meaningless.
+        """
         if ids.ndim != 2:
             raise ValueError(f"ids must be (B, T), got shape {tuple(ids.shape)}")
         length = ids.shape[1]  # T
         if length > self.max_len:
             raise ValueError(f"sequence of length {length} is longer than max_len={self.max_len}")
+        attn_mask = None
+        if key_mask is not None:
+            if key_mask.shape != ids.shape or key_mask.dtype != torch.bool:
+                raise ValueError(f"key_mask must be bool of the ids' shape {tuple(ids.shape)}, got "
+                                 f"{key_mask.dtype} {tuple(key_mask.shape)}")
+            eye = torch.eye(length, dtype=torch.bool, device=ids.device)
+            allowed = key_mask[:, None, :] | eye  # (B, T, T): query i reads key j
+            if self.causal:
+                allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+            attn_mask = allowed[:, None]  # (B, 1, T, T), shared by the heads
         cos, sin = self.rotary(torch.arange(length, device=ids.device))  # (T, hs/2) each
         x = self.drop(self.embed(ids))  # (B, T, C)
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, attn_mask)
         x = self.norm(x)
         return F.linear(x, self.embed.weight[: self.vocab_size])  # (B, T, V): the mask row is never a class
+
+
+def grow_vocab(model: TransformerLM, new_tokens: int) -> TransformerLM:
+    """Add `new_tokens` ids after the vocabulary (special tokens for finetuning), in place; returns the model.
+
+    Ids below the old vocabulary keep their embeddings (and output rows, which are the same weights); the MASK
+    row, if any, moves to the new end, so `mask_id` stays just outside the vocabulary. New rows start at the
+    mean of the old token embeddings, so a new token's logit starts at an average token's (Hewitt's
+    initialisation for added tokens) rather than at noise.
+    """
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens={new_tokens}: must be >= 1")
+    old = model.embed.weight.data  # (V [+ 1], C)
+    vocab = model.vocab_size
+    rows = torch.cat([old[:vocab], old[:vocab].mean(dim=0, keepdim=True).expand(new_tokens, -1), old[vocab:]])
+    model.embed = nn.Embedding.from_pretrained(rows.clone(), freeze=False)
+    model.vocab_size = vocab + new_tokens
+    if model.mask_id is not None:
+        model.mask_id = model.vocab_size
+    return model

@@ -107,8 +107,10 @@ class LanguageModel(mlflow.pyfunc.PythonModel):
         self.model, self.tokenizer, self.config = load_lm(folder)
 
     def generate(self, prompt: str, settings: SamplerSettings) -> list[str]:
-        """`settings.num_samples` continuations of `prompt`."""
-        return generate_text(self.model, self.tokenizer, self.config["objective"], prompt, settings)
+        """`settings.num_samples` continuations of `prompt`; a task model's end at its end-of-sequence token."""
+        samples = generate_text(self.model, self.tokenizer, self.config["objective"], prompt, settings)
+        eos = self.config.get("task", {}).get("eos")
+        return [sample.split(eos)[0] for sample in samples] if eos else samples
 
     def predict(self, context, model_input, params=None):
         knobs = {**self.default_params(self.model.max_len), **(params or {})}

@@ -49,6 +49,7 @@ def generate_ar(
     temperature: float,
     top_k: int | None = None,
     generator: torch.Generator | None,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     """Autoregressive sampling from a causal model: (B, P) prompt -> (B, P + max_new_tokens) ids.
 
@@ -59,6 +60,7 @@ def generate_ar(
         temperature: divides the logits; 0 takes the most likely token.
         top_k: sample among the k most likely tokens only (None: all).
         generator: source of the samples, on the device of `prompt_ids` (None: the global RNG).
+        key_mask: (B, P) bool, False at the padding of left-padded prompts of unequal length (None: no padding).
 
     Returns:
         The prompt followed by the new tokens.
@@ -69,8 +71,12 @@ def generate_ar(
     if max_new_tokens < 0 or (top_k is not None and top_k < 1):
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0 and top_k={top_k} None or >= 1")
     ids = prompt_ids
+    real = key_mask
     for _ in range(max_new_tokens):
-        logits = model(ids[:, -model.max_len :])[:, -1, :]  # (B, V), the last position's prediction
+        context = ids[:, -model.max_len :]
+        # (B, V), the last position's prediction
+        logits = (model(context) if real is None else model(context, key_mask=real[:, -model.max_len :]))[:, -1, :]
+        real = None if real is None else torch.cat([real, torch.ones_like(real[:, :1])], dim=1)
         next_id = _sample_last(logits, temperature=temperature, top_k=top_k, generator=generator)  # (B, 1)
         ids = torch.cat([ids, next_id], dim=1)
     return ids
@@ -140,14 +146,16 @@ def generate_mdm(
     temperature: float,
     mask_id: int,
     generator: torch.Generator | None,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     """LLaDA sampling: (B, P) prompt -> (B, P + gen_length) ids, the answer decoded from all MASK.
 
     The answer is split into gen_length / block_length blocks, decoded left to right with steps / num_blocks
-    steps each. A step runs the model on the whole sequence, predicts every masked position (`_predict`) and
-    commits the `schedule(block_length, steps_per_block)[step]` most confident masked positions of the current
-    block; later blocks stay masked until their turn (they are still read by the bidirectional model). The
-    prompt is never changed and every answer position is committed exactly once, so no MASK remains.
+    steps each. A step runs the model on the whole sequence, predicts the current block's positions (`_predict`;
+    no other position can be committed, so no other is predicted) and commits the
+    `schedule(block_length, steps_per_block)[step]` most confident masked positions of the block; later blocks
+    stay masked until their turn (they are still read by the bidirectional model). The prompt is never changed
+    and every answer position is committed exactly once, so no MASK remains.
 
     Args:
         model: a bidirectional `TransformerLM` with a mask token (anything with `max_len` and (B, T) ids ->
@@ -159,6 +167,7 @@ def generate_mdm(
         temperature: Gumbel noise scale; 0 commits the argmax.
         mask_id: the MASK id, outside the model's vocabulary.
         generator: source of the Gumbel noise, on the device of `prompt_ids` (None: the global RNG).
+        key_mask: (B, P) bool, False at the padding of left-padded prompts of unequal length (None: no padding).
     """
     num_blocks = _check_mdm_args(model, prompt_ids, gen_length=gen_length, steps=steps, block_length=block_length,
                                  temperature=temperature, mask_id=mask_id)
@@ -166,16 +175,16 @@ def generate_mdm(
     answer = torch.full((B, gen_length), mask_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
     x = torch.cat([prompt_ids, answer], dim=1)  # (B, P + gen_length)
     rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+    real = None if key_mask is None else torch.cat([key_mask, torch.ones_like(answer, dtype=torch.bool)], dim=1)
     for block in range(num_blocks):
-        end = P + (block + 1) * block_length  # positions from `end` on belong to later blocks
+        start, end = P + block * block_length, P + (block + 1) * block_length  # the block being decoded
         for count in schedule(block_length, steps // num_blocks):
-            logits = model(x)  # (B, T, V)
+            logits = model(x) if real is None else model(x, key_mask=real)  # (B, T, V)
             if logits.shape[-1] > mask_id:
                 raise ValueError(f"mask_id={mask_id} is inside the model's {logits.shape[-1]}-token vocabulary")
-            predicted, confidence = _predict(logits, temperature=temperature, generator=generator)  # (B, T) each
-            candidates = x == mask_id
-            candidates[:, end:] = False  # only the current block's masked positions
-            confidence = confidence.masked_fill(~candidates, float("-inf"))
+            # Only the block's positions can be committed: predict those alone (B, block_length) each.
+            predicted, confidence = _predict(logits[:, start:end], temperature=temperature, generator=generator)
+            confidence = confidence.masked_fill(x[:, start:end] != mask_id, float("-inf"))
             chosen = torch.topk(confidence, count, dim=1).indices  # (B, count), all masked: count <= remaining
-            x[rows, chosen] = predicted[rows, chosen]
+            x[rows, start + chosen] = predicted[rows, chosen]
     return x

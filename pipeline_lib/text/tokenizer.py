@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import json
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -196,7 +197,94 @@ class BpeTokenizer(Tokenizer):
         return {"tokenizer": self.tokenizer.to_str()}
 
 
-TOKENIZERS: dict[str, type[Tokenizer]] = {"char": CharTokenizer, "bpe": BpeTokenizer}
+class SpecialTokens(Tokenizer):
+    """A base tokenizer plus special tokens with ids of their own after its vocabulary (task finetuning adds
+    ``<answer>``, ``</answer>`` and the end-of-sequence token this way).
+
+    `encode` cuts the text at every occurrence of a special token (the longest first where two start at the same
+    place), encodes the pieces between with the base tokenizer and gives each special token its id, so
+    ``"<answer>"`` is one id whatever the base does with ``<``. `decode` is the exact inverse for ids of
+    text the base tokenizer round-trips. Ids below the base vocabulary keep their meaning, so a model trained on
+    the base tokenizer keeps its embeddings for them.
+
+    Args:
+        base: the tokenizer of the pretraining data (a `SpecialTokens` is not nested: its specials are merged).
+        specials: distinct, non-empty special-token strings; ids ``base.vocab_size + i`` in this order.
+    """
+
+    kind = "special"
+
+    def __init__(self, base: Tokenizer, specials: Sequence[str]) -> None:
+        if isinstance(base, SpecialTokens):
+            base, specials = base.base, [*base.specials, *(s for s in specials if s not in base.specials)]
+        specials = list(specials)
+        if not specials or any(not s for s in specials) or len(set(specials)) != len(specials):
+            raise ValueError(f"special tokens {specials!r}: need at least one, each non-empty and distinct")
+        self.base, self.specials = base, specials
+        self._ids = {s: base.vocab_size + i for i, s in enumerate(specials)}
+        self._pattern = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+
+    @classmethod
+    def fit(cls, text: str, *, vocab_size: int) -> SpecialTokens:
+        raise TypeError("special tokens extend a fitted tokenizer: SpecialTokens(base, specials)")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpecialTokens:
+        """Rebuild from ``{"base": <a tokenizer's saved dict>, "specials": [...]}``."""
+        return cls(tokenizer_from_dict(data["base"]), data["specials"])
+
+    @property
+    def vocab_size(self) -> int:
+        """The base vocabulary plus the special tokens."""
+        return self.base.vocab_size + len(self.specials)
+
+    def token_id(self, special: str) -> int:
+        """The id of one special token."""
+        if special not in self._ids:
+            raise KeyError(f"{special!r} is not a special token of this tokenizer ({', '.join(self.specials)})")
+        return self._ids[special]
+
+    def encode(self, text: str) -> list[int]:
+        """Base ids of the text between special tokens, each special token as its own id."""
+        ids: list[int] = []
+        start = 0
+        for match in self._pattern.finditer(text):
+            ids += self.base.encode(text[start : match.start()]) if match.start() > start else []
+            ids.append(self._ids[match.group()])
+            start = match.end()
+        return ids + (self.base.encode(text[start:]) if start < len(text) else [])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Base text of each run of base ids, each special id as its string."""
+        pieces, run = [], []
+        size = self.base.vocab_size
+        for i in self._checked_ids(ids):
+            if i < size:
+                run.append(i)
+                continue
+            if run:
+                pieces.append(self.base.decode(run))
+                run = []
+            pieces.append(self.specials[i - size])
+        if run:
+            pieces.append(self.base.decode(run))
+        return "".join(pieces)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The base tokenizer's saved dict and the special tokens."""
+        return {"base": {"kind": self.base.kind, **self.base.to_dict()}, "specials": self.specials}
+
+
+TOKENIZERS: dict[str, type[Tokenizer]] = {"char": CharTokenizer, "bpe": BpeTokenizer, "special": SpecialTokens}
+FITTABLE = ("char", "bpe")
+
+
+def tokenizer_from_dict(data: dict[str, Any]) -> Tokenizer:
+    """A tokenizer from the dict `Tokenizer.save` writes (with its ``"kind"``)."""
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer kind {kind!r} (accepted: {', '.join(TOKENIZERS)})")
+    return TOKENIZERS[kind].from_dict(data)
 
 
 def fit_tokenizer(kind: str, text: str, *, vocab_size: int) -> Tokenizer:
@@ -213,8 +301,8 @@ def fit_tokenizer(kind: str, text: str, *, vocab_size: int) -> Tokenizer:
     Raises:
         ValueError: If `kind` is unknown or `vocab_size` is too small for ``bpe``.
     """
-    if kind not in TOKENIZERS:
-        raise ValueError(f"unknown tokenizer kind {kind!r} (accepted: {', '.join(TOKENIZERS)})")
+    if kind not in FITTABLE:
+        raise ValueError(f"unknown tokenizer kind {kind!r} (accepted: {', '.join(FITTABLE)})")
     return TOKENIZERS[kind].fit(text, vocab_size=vocab_size)
 
 
@@ -232,6 +320,6 @@ def load_tokenizer(path: Path) -> Tokenizer:
     if kind not in TOKENIZERS:
         raise DataError(f"{path}: unknown tokenizer kind {kind!r} (accepted: {', '.join(TOKENIZERS)})")
     try:
-        return TOKENIZERS[kind].from_dict(data)
+        return tokenizer_from_dict(data)
     except Exception as exc:  # tokenizers raises a bare Exception for a malformed JSON string
         raise DataError(f"{path}: malformed {kind} tokenizer ({exc})") from exc

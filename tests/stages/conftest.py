@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", "data/raw/.gitkeep"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", "data/raw/.gitkeep",
+                 "data/text/tasks/.gitkeep"]
 PROJECT_DIRS = ["stages", "pipeline_lib"]
 
 
@@ -31,11 +32,18 @@ def command_environment() -> Iterator[None]:
         yield
 
 
-def copy_project(path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
-    """A committed git repo at `path` holding the project, with the params `edit` changes in place."""
+def copy_project(path: Path, edit: Callable[[dict[str, Any]], None], *, text: bool = True) -> Path:
+    """A committed git repo at `path` holding the project, with the params `edit` changes in place.
+
+    `text=False` leaves the text track's stages out of its dvc.yaml, for tests about the vision stages only.
+    """
     for name in PROJECT_FILES:
         (path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, path / name)
+    if not text:
+        pipeline = yaml.safe_load((path / "dvc.yaml").read_text())
+        pipeline["stages"] = {name: stage for name, stage in pipeline["stages"].items() if not name.startswith("text_")}
+        (path / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
     for name in PROJECT_DIRS:
         shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((path / "params.yaml").read_text())
@@ -48,7 +56,7 @@ def copy_project(path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def make_project() -> Callable[[Path, Callable[[dict[str, Any]], None]], Path]:
+def make_project() -> Callable[..., Path]:
     """`copy_project`, for the module-scoped fixtures that build their repos with it."""
     return copy_project
 
@@ -58,3 +66,7 @@ def _toy_text_track(params: dict[str, Any]) -> None:
     params["text_model"].update(d_model=16, n_layer=1, n_head=2, seq_len=32)
     params["text_pretrain"].update(epochs=1, batch_size=64, warmup_epochs=0.0)
     params["text_evaluate"].update(mdm_samples=1, prompt_tokens=8, sample_tokens=16, block_length=8)
+    params["text_task"].update(digits=1, train_size=40, rl_size=16, test_size=16, answer_tokens=6)
+    params["text_sft"].update(epochs=10, batch_size=8, base_lr=1.0, warmup_epochs=0.0, log_every=5)
+    params["text_rl"].update(epochs=1, batch_size=4, group_size=4, block_length=6, log_every=1, samples_every=2)
+    params["text_task_evaluate"].update(pass_k=2, block_length=6)

@@ -55,9 +55,11 @@ def test_repro_then_noop_then_experiment(repo: Path) -> None:
     _check_finetune_and_evaluate(repo)
     _check_rl(repo)
     _check_text(repo)
+    _check_text_tasks(repo)
     shown = _run(repo, "dvc", "metrics", "show")
     for key in ("ssl.top1", "scratch.top1", "gain.top1", "encoder.knn_top1", "encoder.linear_probe_top1",
-                "post_trained.reward_greedy", "baselines.bayes_reference.reward_greedy", "metrics/text/ngram.json"):
+                "post_trained.reward_greedy", "baselines.bayes_reference.reward_greedy", "metrics/text/ngram.json",
+                "rl_ar.accuracy", "scratch_mdm.pass_at_2", "gain.rl_mdm_over_sft"):
         assert key in shown, key
 
     second = _run(repo, "dvc", "repro")
@@ -195,6 +197,49 @@ def _check_text(repo: Path) -> None:
     assert {a.path for a in client.list_artifacts(evaluated.info.run_id, "samples")} == {
         "samples/ar.txt", "samples/mdm.txt"}
     _check_language_models(repo, client)
+
+
+def _check_text_tasks(repo: Path) -> None:
+    """The task stages: disjoint splits, the six task models scored on test, GRPO's curves and samples in MLflow,
+    and the SFT and GRPO models registered with lineage to the versions they started from."""
+    splits = {name: [json.loads(line)["prompt"] for line in (repo / f"data/text/task/{name}.jsonl").open()]
+              for name in ("train", "rl", "test")}
+    assert [len(v) for v in splits.values()] == [40, 16, 16]
+    assert len({prompt for prompts in splits.values() for prompt in prompts}) == 72  # no prompt in two splits
+    summary = json.loads((repo / "metrics/text/task.json").read_text())
+    for objective in ("ar", "mdm"):
+        for kind in ("sft", "scratch", "rl"):
+            metrics = summary[f"{kind}_{objective}"]
+            assert {"accuracy", "format_rate", "pass_at_2", "pass_at_1"} <= set(metrics)
+            assert 0 <= metrics["accuracy"] <= metrics["format_rate"] <= 1
+            assert metrics["pass_at_1"] <= metrics["pass_at_2"]
+        gain = summary["gain"]
+        rl, sft = summary[f"rl_{objective}"], summary[f"sft_{objective}"]
+        assert gain[f"rl_{objective}_over_sft"] == rl["accuracy"] - sft["accuracy"]
+        assert f"sft_{objective}_over_scratch" in gain
+    client = mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    rl_run = client.get_run(json.loads((repo / "models/text/rl_mdm/run.json").read_text())["run_id"])
+    history = {key: client.get_metric_history(rl_run.info.run_id, key) for key in (
+        "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "clip_ratio", "completion_length")}
+    assert all(len(points) == 4 for points in history.values()), {k: len(v) for k, v in history.items()}
+    assert client.list_artifacts(rl_run.info.run_id, "samples")[0].path == "samples/step_00000.txt"
+    sft = json.loads((repo / "models/text/sft_mdm/run.json").read_text())
+    pretrained = json.loads((repo / "models/text/mdm/run.json").read_text())
+    sft_version = client.get_model_version("ssl-pipeline-task-lm", str(sft["model_version"]))
+    assert sft_version.tags["stage"] == "text_sft" and sft_version.tags["objective"] == "mdm"
+    assert sft_version.tags["pretrained.model_version"] == str(pretrained["model_version"])
+    rl = json.loads((repo / "models/text/rl_mdm/run.json").read_text())
+    rl_version = client.get_model_version("ssl-pipeline-task-lm", str(rl["model_version"]))
+    assert rl_version.tags["stage"] == "text_rl" and rl_version.tags["sft.model_version"] == str(sft["model_version"])
+    assert json.loads((repo / "models/text/scratch_ar/run.json").read_text())["model_version"] is None  # measured only
+    # The registered GRPO model answers like its folder: greedy completions, cut at the end of sequence.
+    mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
+    registered = mlflow.pyfunc.load_model(f"models:/ssl-pipeline-task-lm/{rl['model_version']}")
+    answers = registered.predict(splits["test"][:3])
+    local = LanguageModel.from_folder(repo / "models/text/rl_mdm")
+    settings = SamplerSettings(max_new_tokens=6, block_length=6, temperature=0.0)
+    assert answers == [local.generate(prompt, settings)[0] for prompt in splits["test"][:3]]
+    assert not any("<eos>" in answer for answer in answers)
 
 
 def _check_language_models(repo: Path, client: mlflow.MlflowClient) -> None:

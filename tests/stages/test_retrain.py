@@ -32,7 +32,7 @@ def _retrain(repo: Path, *args: str, status: int = 0) -> str:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory, make_project: Callable[..., Path]) -> Path:
     """A committed git repo holding the project with tiny params; the gate promotes any improvement."""
-    return make_project(tmp_path_factory.mktemp("retrain"), _tiny)
+    return make_project(tmp_path_factory.mktemp("retrain"), _tiny, text=False)
 
 
 def _tiny(params: dict[str, Any]) -> None:

@@ -39,7 +39,7 @@ def char() -> CharTokenizer:
 
 
 def test_registry_dispatches_both_kinds(char: CharTokenizer, bpe: BpeTokenizer) -> None:
-    assert set(TOKENIZERS) == {"char", "bpe"}
+    assert set(TOKENIZERS) == {"char", "bpe", "special"}
     assert isinstance(char, CharTokenizer) and char.kind == "char"
     assert isinstance(bpe, BpeTokenizer) and bpe.kind == "bpe"
     with pytest.raises(ValueError, match=r"unknown tokenizer kind 'word' \(accepted: char, bpe\)"):

@@ -1,0 +1,209 @@
+"""Supervised finetuning (SFT) of the text track's language models on a verifiable task, on the base trainer.
+
+The model starts from the pretrained language model (`models/text/<objective>`) or, for the baseline that
+measures what pretraining gives, from fresh weights of the same architecture and tokenizer with the same budget.
+Either way its vocabulary grows by the answer tags and ``<eos>`` (`rollout.task_tokenizer`, `grow_vocab`), and it
+learns the `train` split's completions (`rollout.encode_examples`):
+
+- `ar`: next-token cross-entropy on the answer tokens only (`losses.lm.sft_ar_loss`); prompt and padding are read,
+  never learned.
+- `mdm`: LLaDA's SFT (`losses.lm.sft_mdm_loss`): the prompt is never masked; the answer and its ``<eos>`` padding
+  are masked with one probability per sequence, and each sequence's loss is divided by its response length.
+
+The model folder is a language-model folder (`lm.load_lm` reads it) whose `config.json` adds `task`: the ``<eos>``
+id, `answer_tokens`, `prompt_len` and the checker, which GRPO, the evaluation and the registered model read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from pipeline_lib import dist
+from pipeline_lib.config import Params, flatten, params_hash
+from pipeline_lib.losses.lm import mdm_corrupt, sft_ar_loss, sft_mdm_loss
+from pipeline_lib.models.transformer import TransformerLM, grow_vocab
+from pipeline_lib.outputs import staged_dir
+from pipeline_lib.text.lm import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, build_lm, load_lm
+from pipeline_lib.text.rollout import EOS, ROLE, check_fits, encode_examples, prompt_length, task_tokenizer
+from pipeline_lib.text.task_data import copy_task_files, read_task, task_digest
+from pipeline_lib.text.tokenizer import SpecialTokens, load_tokenizer
+from pipeline_lib.tracking import Tracker, read_run_record, write_json_atomic, write_run_record
+from pipeline_lib.trainers.base import Batch, Trainer, code_digest
+
+
+class SFTTrainer(Trainer):
+    """The base trainer on task rows: `Batch.images` holds (b, 2, T) int64, the ids and their `ROLE`s."""
+
+    stage = "text_sft"
+
+    def __init__(self, *args: Any, objective: str, mdm_eps: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.objective, self.mdm_eps = objective, mdm_eps
+
+    def load_images(self, index: np.ndarray) -> Tensor:
+        return torch.from_numpy(self.images[index].astype(np.int64)).to(self.device, non_blocking=True)
+
+    def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
+        ids, roles = batch.images[:, 0], batch.images[:, 1]  # (b, T) each
+        real = roles != ROLE.PAD
+        if self.objective == "ar":
+            logits = self.forward_model(ids[:, :-1], key_mask=real[:, :-1])
+            return {"loss": sft_ar_loss(logits, ids, roles == ROLE.ANSWER)}
+        response = roles >= ROLE.ANSWER
+        mask_id = self.model.mask_id
+        # The masks are drawn for the step's global batch, then this process keeps its rows (the base trainer's
+        # rule); only response positions may be masked.
+        _, masked, p = mdm_corrupt(torch.zeros(batch.global_size, ids.shape[1], dtype=torch.long), mask_id=mask_id,
+                                   eps=self.mdm_eps, generator=batch.generator)
+        masked = masked[batch.rows].to(self.device) & response
+        logits = self.forward_model(ids.masked_fill(masked, mask_id), key_mask=real)
+        return {"loss": sft_mdm_loss(logits, ids, masked, p[batch.rows].to(self.device), response),
+                "mask_rate": masked.sum() / response.sum()}
+
+
+@dataclass(frozen=True)
+class SFTPaths:
+    """Where a finetuning stage reads and writes; `pretrained` None trains the from-scratch baseline."""
+
+    task: Path
+    data: Path
+    pretrained: Path | None
+    out: Path
+    metrics: Path
+    plots: Path
+    checkpoints: Path
+
+
+def logged_params(params: Params, objective: str, init: str) -> dict[str, Any]:
+    """The params an SFT run uses, flat and dotted."""
+    return {"seed": params.seed, "text_sft.objective": objective, "text_sft.init": init,
+            **flatten(params.text_model, "text_model."), **flatten(params.text_task, "text_task."),
+            **flatten(params.text_sft, "text_sft.")}
+
+
+def weights_digest(folder: Path | None) -> str:
+    """sha256 of a model folder's weights ("none" for no folder)."""
+    return "none" if folder is None else hashlib.sha256((Path(folder) / WEIGHTS_FILE).read_bytes()).hexdigest()
+
+
+def fingerprint(params: Params, paths: SFTPaths, objective: str) -> str:
+    """Identifies a resumable run: params, task data, the starting weights and the library code."""
+    init = "pretrained" if paths.pretrained else "scratch"
+    return params_hash({**logged_params(params, objective, init), "task": task_digest(paths.task),
+                        "start": weights_digest(paths.pretrained), "code": code_digest()})
+
+
+def start_model(params: Params, paths: SFTPaths, objective: str) -> tuple[TransformerLM, SpecialTokens]:
+    """The pretrained model (or fresh weights of the same architecture) with the task tokens added."""
+    if paths.pretrained is not None:
+        model, base, config = load_lm(paths.pretrained)
+        if config["objective"] != objective:
+            raise ValueError(f"{paths.pretrained} is an {config['objective']!r} model, not {objective!r}")
+    else:
+        base = load_tokenizer(paths.data / TOKENIZER_FILE)
+        torch.manual_seed(params.seed)  # identical initial weights in every run and on every process
+        model = build_lm(base.vocab_size, params, objective)
+    tokenizer = task_tokenizer(base)
+    return grow_vocab(model, tokenizer.vocab_size - model.vocab_size), tokenizer
+
+
+def task_layout(task_prompts: list[str], tokenizer: SpecialTokens, params: Params, max_len: int) -> dict[str, Any]:
+    """What every task model records in `config.json["task"]`; refuses a layout over the model's context."""
+    prompt_len = prompt_length(task_prompts, tokenizer)
+    check_fits(prompt_len, params.text_task.answer_tokens, max_len)
+    return {"eos": EOS, "eos_id": tokenizer.token_id(EOS), "prompt_len": prompt_len,
+            "answer_tokens": params.text_task.answer_tokens}
+
+
+def run_text_sft(params: Params, paths: SFTPaths, objective: str, tracker: Tracker,
+                 device: torch.device) -> dict[str, Any]:
+    """Finetune (resuming a matching checkpoint); rank 0 writes the model folder, metrics and loss curve."""
+    data = read_task(paths.task)
+    model, tokenizer = start_model(params, paths, objective)
+    prompts = [example.prompt for split in data.splits.values() for example in split]
+    layout = task_layout(prompts, tokenizer, params, model.max_len)
+    rows = encode_examples(data.splits["train"], tokenizer, prompt_len=layout["prompt_len"],
+                           answer_tokens=layout["answer_tokens"], split="train")
+    stacked = np.stack([rows.ids, rows.roles.astype(np.int64)], axis=1)  # (N, 2, T)
+    trainer = SFTTrainer(model, params.text_sft, stacked, nn.Identity(), objective=objective,
+                         mdm_eps=params.text_sft.mdm_eps, device=device, seed=params.seed,
+                         checkpoint_dir=paths.checkpoints, tracker=tracker,
+                         fingerprint=fingerprint(params, paths, objective))
+    init = "pretrained" if paths.pretrained else "scratch"
+    if dist.is_main():
+        print(f"text_sft: {objective} from {init} on {len(stacked)} {data.meta['kind']} examples of "
+              f"{stacked.shape[-1]} tokens, {trainer.total_steps} steps, lr {trainer.lr:.2e}, "
+              f"{dist.world_size()} process(es) on {device}")
+    started = time.perf_counter()
+    result = trainer.fit()
+    if not dist.is_main():
+        return {}
+    last = result.history[-1] if result.history else {}
+    summary = {"loss": last.get("loss", float("nan")), "steps": result.steps,
+               "examples_per_second": result.images_per_second, "resumed_from_step": result.resumed_from,
+               "train_seconds": round(time.perf_counter() - started, 2)}
+    config = {**layout, "checker": data.checker_name, "kind": data.meta["kind"], "init": init}
+    write_outputs(params, paths, objective, trainer, tokenizer, config, summary, tracker)
+    return summary
+
+
+def save_task_model(model: TransformerLM, tokenizer: SpecialTokens, objective: str, task: dict[str, Any],
+                    out: Path, **extra: Any) -> None:
+    """A task model folder: weights, config (architecture, objective, `task`, extras) and tokenizer."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS_FILE)
+    block = model.blocks[0]
+    config = {"objective": objective, "vocab_size": model.vocab_size, "max_len": model.max_len,
+              "d_model": model.embed.weight.shape[1], "n_layer": model.n_layer, "n_head": block.attn.n_head,
+              "task": task, **extra}
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save(out / TOKENIZER_FILE)
+
+
+def register_task_model(params: Params, folder: Path, tracker: Tracker, task: dict[str, Any],
+                        tags: dict[str, str]) -> int | None:
+    """Register a task model folder as a version of `tracking.task_model`; greedy completions by default."""
+    from pipeline_lib.registry import register_model
+    from pipeline_lib.text.generate import LanguageModel
+
+    if tracker.run_id is None:
+        return None
+    prompt = json.loads((folder / "task.json").read_text())["examples"]["test"][0]
+    defaults = {**LanguageModel.default_params(task["prompt_len"] + task["answer_tokens"]),
+                "max_new_tokens": task["answer_tokens"], "block_length": task["answer_tokens"], "temperature": 0.0}
+    return register_model(LanguageModel(), folder, name=params.tracking.task_model, artifact_name="lm",
+                          input_example=[prompt], inference_params=defaults, tags={**tracker.lineage, **tags})
+
+
+def write_outputs(params: Params, paths: SFTPaths, objective: str, trainer: Trainer, tokenizer: SpecialTokens,
+                  task: dict[str, Any], summary: dict[str, Any], tracker: Tracker) -> None:
+    """Model folder, loss curve and metrics, staged and renamed into place; the pretrained-then-finetuned model
+    is registered (tags: objective, stage, lineage to the pretrained version), the baseline only measured."""
+    from pipeline_lib.eval.plots import write_csv
+
+    model: TransformerLM = trainer.model  # type: ignore[assignment]
+    upstream = read_run_record(paths.pretrained) if paths.pretrained else {}
+    pretrained = {"sha256": weights_digest(paths.pretrained), "run_id": upstream.get("run_id"),
+                  "model_name": upstream.get("model_name"), "model_version": upstream.get("model_version")}
+    with staged_dir(paths.plots) as plots:
+        write_csv(plots / "loss.csv", trainer.history, ["step", "loss", "lr"])
+    with staged_dir(paths.out) as out:
+        save_task_model(model, tokenizer, objective, task, out, pretrained=pretrained)
+        copy_task_files(paths.task, out)
+    tracker.log_metrics({k: float(v) for k, v in summary.items()}, step=summary["steps"])
+    tracker.flush()
+    version = None
+    if paths.pretrained is not None:
+        version = register_task_model(params, paths.out, tracker, task, {"objective": objective, "stage": "text_sft"})
+    write_run_record(paths.out / "run.json", tracker, objective=objective, init=task["init"],
+                     model_name=params.tracking.task_model if version else None, model_version=version)
+    write_json_atomic(paths.metrics, summary)

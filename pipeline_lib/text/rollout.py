@@ -1,0 +1,138 @@
+"""Task models of the text track: the tokens they add, how task examples become training rows, and how a model
+completes a batch of prompts (for GRPO's groups, the evaluation and the registered model alike).
+
+A task model is a language model of `pipeline_lib.text.lm` whose vocabulary gained three special tokens
+(`SPECIALS`): ``<answer>``, ``</answer>`` and the end-of-sequence token ``<eos>``. Its completion of a prompt is
+``<answer>579</answer><eos>``: the answer in tags (`tasks.format_answer`), then end of sequence.
+
+Rows. Every row is `prompt_len + answer_tokens` ids: the prompt left-padded to `prompt_len` (padding is never
+read: the model's `key_mask` hides it, and RoPE's relative positions make a left-padded prompt look exactly like
+the bare one), then the completion's region of `answer_tokens` ids: the completion with its ``<eos>``, then
+``<eos>`` to the end. `ROLE` names each position: padding, prompt, answer (the completion and its first
+``<eos>``, what the AR model learns) and fill (the ``<eos>`` after it; LLaDA's SFT learns it too, so the masked
+model learns where an answer ends).
+
+Completing. `complete` samples `answer_tokens` ids after each prompt (AR: one token per step; MDM: LLaDA's
+sampler from an all-MASK region) and sets every id after the first ``<eos>`` to ``<eos>``. `completion_mask`
+marks the tokens up to and including that first ``<eos>``: what a completion is, for rewards, log-probs and its
+length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline_lib.models.transformer import TransformerLM
+from pipeline_lib.text.sampling import generate_ar, generate_mdm
+from pipeline_lib.text.tasks import ANSWER_CLOSE, ANSWER_OPEN, Example, format_answer
+from pipeline_lib.text.tokenizer import SpecialTokens, Tokenizer
+
+EOS = "<eos>"
+SPECIALS = (ANSWER_OPEN, ANSWER_CLOSE, EOS)
+
+
+class ROLE:
+    """What each position of a task row holds."""
+
+    PAD, PROMPT, ANSWER, FILL = 0, 1, 2, 3
+
+
+def task_tokenizer(base: Tokenizer) -> SpecialTokens:
+    """The pretraining tokenizer plus the answer tags and ``<eos>`` (ids after its vocabulary)."""
+    return SpecialTokens(base, SPECIALS)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Encoded examples: `ids` (N, prompt_len + answer_tokens) int64 and `roles` (same shape) int8 (`ROLE`)."""
+
+    ids: np.ndarray
+    roles: np.ndarray
+
+
+def prompt_length(prompts: Sequence[str], tokenizer: Tokenizer) -> int:
+    """The longest prompt, in tokens."""
+    return max(len(tokenizer.encode(prompt)) for prompt in prompts)
+
+
+def check_fits(prompt_len: int, answer_tokens: int, max_len: int) -> None:
+    """Refuse a layout longer than the model's context, naming the keys that set it."""
+    if prompt_len + answer_tokens > max_len:
+        raise ValueError(f"the longest prompt ({prompt_len} tokens) + text_task.answer_tokens={answer_tokens} "
+                         f"exceed the model's context text_model.seq_len={max_len}")
+
+
+def encode_prompts(prompts: Sequence[str], tokenizer: Tokenizer, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts -> left-padded ids (N, prompt_len) int64 (padding: ``<eos>``) and their key mask (True: real)."""
+    eos = tokenizer.token_id(EOS)  # type: ignore[attr-defined]
+    ids = np.full((len(prompts), prompt_len), eos, dtype=np.int64)
+    real = np.zeros((len(prompts), prompt_len), dtype=bool)
+    for row, prompt in enumerate(prompts):
+        tokens = tokenizer.encode(prompt)
+        if not tokens or len(tokens) > prompt_len:
+            raise ValueError(f"prompt {prompt!r} takes {len(tokens)} tokens; need 1..{prompt_len}")
+        ids[row, prompt_len - len(tokens):] = tokens
+        real[row, prompt_len - len(tokens):] = True
+    return ids, real
+
+
+def encode_examples(examples: Sequence[Example], tokenizer: Tokenizer, *, prompt_len: int, answer_tokens: int,
+                    split: str) -> Rows:
+    """Training rows of `examples` (see the module docstring); a completion over `answer_tokens` is an error
+    naming the split, the example and the key."""
+    eos = tokenizer.token_id(EOS)  # type: ignore[attr-defined]
+    ids, real = encode_prompts([example.prompt for example in examples], tokenizer, prompt_len)
+    roles = np.where(real, ROLE.PROMPT, ROLE.PAD).astype(np.int8)
+    answers = np.full((len(examples), answer_tokens), eos, dtype=np.int64)
+    answer_roles = np.full((len(examples), answer_tokens), ROLE.FILL, dtype=np.int8)
+    for row, example in enumerate(examples):
+        completion = [*tokenizer.encode(format_answer(example.answer)), eos]
+        if len(completion) > answer_tokens:
+            raise ValueError(f"{split} example {row} ({example.prompt!r} -> {example.answer!r}): its completion "
+                             f"takes {len(completion)} tokens with <eos>, over text_task.answer_tokens={answer_tokens}")
+        answers[row, : len(completion)] = completion
+        answer_roles[row, : len(completion)] = ROLE.ANSWER
+    return Rows(np.concatenate([ids, answers], axis=1), np.concatenate([roles, answer_roles], axis=1))
+
+
+@torch.no_grad()
+def complete(model: TransformerLM, objective: str, prompt_ids: Tensor, key_mask: Tensor, *, answer_tokens: int,
+             temperature: float, block_length: int, eos_id: int, generator: torch.Generator | None) -> Tensor:
+    """(B, P) left-padded prompts -> (B, answer_tokens) completions, every id after the first ``<eos>`` set to it.
+
+    AR samples token by token (temperature 0: greedy); MDM runs LLaDA's low-confidence sampler over an all-MASK
+    region of `answer_tokens` in blocks of `block_length`, one token per step (temperature 0: argmax). Put the
+    model in eval mode first.
+    """
+    if objective == "ar":
+        out = generate_ar(model, prompt_ids, max_new_tokens=answer_tokens, temperature=temperature,
+                          generator=generator, key_mask=key_mask)
+    elif objective == "mdm":
+        out = generate_mdm(model, prompt_ids, gen_length=answer_tokens, steps=answer_tokens,
+                           block_length=block_length, temperature=temperature, mask_id=model.mask_id,
+                           generator=generator, key_mask=key_mask)
+    else:
+        raise ValueError(f"objective={objective!r}: expected 'ar' or 'mdm'")
+    completions = out[:, prompt_ids.shape[1]:]
+    after_eos = (completions == eos_id).long().cumsum(dim=1) - (completions == eos_id).long() > 0
+    return completions.masked_fill(after_eos, eos_id)
+
+
+def completion_mask(completions: Tensor, eos_id: int) -> Tensor:
+    """(B, A) completions -> (B, A) bool: the tokens up to and including the first ``<eos>`` (all without one)."""
+    is_eos = (completions == eos_id).long()
+    return (is_eos.cumsum(dim=1) - is_eos) == 0
+
+
+def decode_completions(completions: Tensor, tokenizer: Tokenizer, eos_id: int) -> list[str]:
+    """Each completion's text before its first ``<eos>``."""
+    texts = []
+    for row in completions.tolist():
+        end = row.index(eos_id) if eos_id in row else len(row)
+        texts.append(tokenizer.decode(row[:end]))
+    return texts
