@@ -566,16 +566,10 @@ class TextNGramParams:
 
 
 @dataclass(frozen=True)
-class TextPretrainParams(TrainParams):
-    """Language-model pretraining of the transformer: `ar` (next token) or `mdm` (LLaDA masked diffusion).
+class LMTrainParams(TrainParams):
+    """What training either language model takes beyond the base trainer's keys: the defaults of the text
+    track's transformers, and `mdm_eps`, the smallest masking probability of the LLaDA objective."""
 
-    An epoch is one pass over the training tokens in windows of `text_model.seq_len`; `batch_size` counts
-    windows. `mdm_eps` is the smallest masking probability of the LLaDA objective.
-    """
-
-    section: ClassVar[str] = "text_pretrain"
-
-    epochs: int = 6
     batch_size: int = 16
     base_lr: float = 4.0e-2
     warmup_epochs: float = 0.1
@@ -586,7 +580,20 @@ class TextPretrainParams(TrainParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(0 < self.mdm_eps < 1, "text_pretrain.mdm_eps", self.mdm_eps, "must be in (0, 1)")
+        _check(0 < self.mdm_eps < 1, f"{self.section}.mdm_eps", self.mdm_eps, "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class TextPretrainParams(LMTrainParams):
+    """Language-model pretraining of the transformer: `ar` (next token) or `mdm` (LLaDA masked diffusion).
+
+    An epoch is one pass over the training tokens in windows of `text_model.seq_len`; `batch_size` counts
+    windows.
+    """
+
+    section: ClassVar[str] = "text_pretrain"
+
+    epochs: int = 6
 
 
 @dataclass(frozen=True)
@@ -631,7 +638,7 @@ class TextTaskParams:
     max_number: int = 20
     train_size: int = 4000
     rl_size: int = 1000
-    test_size: int = 256
+    test_size: int = 512
     train_path: str | None = None
     rl_path: str | None = None
     test_path: str | None = None
@@ -653,24 +660,13 @@ class TextTaskParams:
 
 
 @dataclass(frozen=True)
-class TextSFTParams(TrainParams):
+class TextSFTParams(LMTrainParams):
     """Supervised finetuning of a language model on the task's train split: the answer tokens only for `ar`,
     LLaDA's SFT (the prompt never masked) for `mdm`. The from-scratch baseline has the same budget."""
 
     section: ClassVar[str] = "text_sft"
 
     epochs: int = 4
-    batch_size: int = 16
-    base_lr: float = 4.0e-2
-    warmup_epochs: float = 0.1
-    weight_decay: float = 0.1
-    adam_beta2: float = 0.99
-    clip_grad: float | None = 1.0
-    mdm_eps: float = 1.0e-3
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(0 < self.mdm_eps < 1, "text_sft.mdm_eps", self.mdm_eps, "must be in (0, 1)")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,19 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module of tiny models (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    OpenMP's barriers cost more than their tiny matmuls (a hundredfold on a busy 2-core machine), and fixed-seed
+    results do not depend on the core count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class _QuietHandler(SimpleHTTPRequestHandler):
     """Static file handler that keeps per-request log lines out of the test output."""
 

@@ -30,6 +30,17 @@ def _check_logits(logits: Tensor, ids: Tensor, name: str) -> None:
                          f"got {tuple(logits.shape)}")
 
 
+def _check_masks(ids: Tensor, p: Tensor, **masks: Tensor) -> None:
+    """Each named mask is bool of the ids' shape; p holds one masking probability per sequence."""
+    for name, value in masks.items():
+        if value.shape != ids.shape or value.dtype != torch.bool:
+            raise ValueError(f"{name} must be a bool tensor of shape {tuple(ids.shape)}, got {value.dtype} "
+                             f"{tuple(value.shape)}")
+    if p.shape != ids.shape[:1]:
+        raise ValueError(f"p must have shape ({ids.shape[0]},) (one masking probability per sequence), "
+                         f"got {tuple(p.shape)}")
+
+
 def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
     """U[0, 1) draws made on the generator's device (so a CPU generator gives the same draws for data on any
     device), then moved to `device`."""
@@ -116,12 +127,7 @@ def mdm_loss(logits: Tensor, ids: Tensor, masked: Tensor, p: Tensor) -> Tensor:
         1.3863
     """
     _check_logits(logits, ids, "ids")
-    if masked.shape != ids.shape or masked.dtype != torch.bool:
-        raise ValueError(f"masked must be a bool tensor of shape {tuple(ids.shape)}, got {masked.dtype} "
-                         f"{tuple(masked.shape)}")
-    if p.shape != ids.shape[:1]:
-        raise ValueError(f"p must have shape ({ids.shape[0]},) (one masking probability per sequence), "
-                         f"got {tuple(p.shape)}")
+    _check_masks(ids, p, masked=masked)
     B, L = ids.shape
     ce = F.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none")  # (B, L)
     weighted = torch.where(masked, ce / p.float()[:, None], torch.zeros_like(ce))  # (B, L), 0 where unmasked
@@ -164,13 +170,7 @@ def sft_mdm_loss(logits: Tensor, ids: Tensor, masked: Tensor, p: Tensor, respons
         p: (B,) masking probability of each sequence.
         response: (B, T) bool, the answer and its end-of-sequence padding.
     """
-    for name, value in (("response", response), ("masked", masked)):
-        if value.shape != ids.shape or value.dtype != torch.bool:
-            raise ValueError(f"{name} must be a bool tensor of the ids' shape {tuple(ids.shape)}, got {value.dtype} "
-                             f"{tuple(value.shape)}")
-    if p.shape != ids.shape[:1]:
-        raise ValueError(f"p must have shape ({ids.shape[0]},) (one masking probability per sequence), "
-                         f"got {tuple(p.shape)}")
+    _check_masks(ids, p, masked=masked, response=response)
     if (masked & ~response).any():
         raise ValueError("masked positions outside the response: the SFT loss never masks the prompt")
     lengths = response.sum(dim=1)  # (B,)

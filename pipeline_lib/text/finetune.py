@@ -33,7 +33,7 @@ from pipeline_lib.config import Params, flatten, params_hash
 from pipeline_lib.losses.lm import mdm_corrupt, sft_ar_loss, sft_mdm_loss
 from pipeline_lib.models.transformer import TransformerLM, grow_vocab
 from pipeline_lib.outputs import staged_dir
-from pipeline_lib.text.lm import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, build_lm, load_lm
+from pipeline_lib.text.lm import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, LMTrainer, build_lm, load_lm
 from pipeline_lib.text.rollout import EOS, ROLE, check_fits, encode_examples, prompt_length, task_tokenizer
 from pipeline_lib.text.task_data import copy_task_files, read_task, task_digest
 from pipeline_lib.text.tokenizer import SpecialTokens, load_tokenizer
@@ -41,17 +41,10 @@ from pipeline_lib.tracking import Tracker, read_run_record, write_json_atomic, w
 from pipeline_lib.trainers.base import Batch, Trainer, code_digest
 
 
-class SFTTrainer(Trainer):
-    """The base trainer on task rows: `Batch.images` holds (b, 2, T) int64, the ids and their `ROLE`s."""
+class SFTTrainer(LMTrainer):
+    """The language-model trainer on task rows: `Batch.images` holds (b, 2, T) int64, the ids and their `ROLE`s."""
 
     stage = "text_sft"
-
-    def __init__(self, *args: Any, objective: str, mdm_eps: float, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.objective, self.mdm_eps = objective, mdm_eps
-
-    def load_images(self, index: np.ndarray) -> Tensor:
-        return torch.from_numpy(self.images[index].astype(np.int64)).to(self.device, non_blocking=True)
 
     def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
         ids, roles = batch.images[:, 0], batch.images[:, 1]  # (b, T) each

@@ -4,7 +4,6 @@ trainer's MDM branch never masking the prompt."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +26,7 @@ V = 7
 ROLES = torch.tensor([[0, 0, 1, 1, 1, 2, 2, 3], [1, 1, 1, 1, 2, 2, 2, 2]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One intra-op thread for this module: OpenMP's barriers cost more than these tiny matmuls (a hundredfold on
-    a busy 2-core machine), and fixed-seed results do not depend on the core count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def random_case(seed: int = 0) -> tuple[Tensor, Tensor]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import Tensor
@@ -15,14 +13,7 @@ TINY = {"d_model": 16, "n_layer": 2, "n_head": 2, "max_len": 16}
 VARIANTS = pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One intra-op thread for this module: OpenMP's barriers cost more than these tiny matmuls (a hundredfold on
-    a busy 2-core machine), and fixed-seed results do not depend on the core count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_model(causal: bool, seed: int = 0) -> TransformerLM:

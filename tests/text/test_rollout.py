@@ -3,7 +3,6 @@ completion equal to completing each prompt alone."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,14 +35,7 @@ OPEN, CLOSE = TOKENIZER.token_id("<answer>"), TOKENIZER.token_id("</answer>")
 OBJECTIVES = pytest.mark.parametrize("objective", ["ar", "mdm"])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One intra-op thread for this module: OpenMP's barriers cost more than these tiny matmuls (a hundredfold on
-    a busy 2-core machine), and fixed-seed results do not depend on the core count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_task_tokenizer_adds_the_three_specials() -> None:

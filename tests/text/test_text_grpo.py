@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +48,7 @@ PROMPT_LEN, ANSWER_TOKENS = 4, 5
 TASK = {"eos_id": EOS_ID, "prompt_len": PROMPT_LEN, "answer_tokens": ANSWER_TOKENS}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One intra-op thread for this module: OpenMP's barriers cost more than these tiny matmuls (a hundredfold on
-    a busy 2-core machine), and fixed-seed results do not depend on the core count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def task_model(objective: str, seed: int = 0, d_model: int = 16) -> TransformerLM:
