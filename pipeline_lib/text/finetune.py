@@ -35,7 +35,7 @@ from pipeline_lib.models.transformer import TransformerLM, grow_vocab
 from pipeline_lib.outputs import staged_dir
 from pipeline_lib.text.lm import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, LMTrainer, build_lm, load_lm
 from pipeline_lib.text.rollout import EOS, ROLE, check_fits, encode_examples, prompt_length, task_tokenizer
-from pipeline_lib.text.task_data import copy_task_files, read_task, task_digest
+from pipeline_lib.text.task_data import copy_task_meta, read_task, task_digest
 from pipeline_lib.text.tokenizer import SpecialTokens, load_tokenizer
 from pipeline_lib.tracking import Tracker, read_run_record, write_json_atomic, write_run_record
 from pipeline_lib.trainers.base import Batch, Trainer, code_digest
@@ -191,7 +191,7 @@ def write_outputs(params: Params, paths: SFTPaths, objective: str, trainer: Trai
         write_csv(plots / "loss.csv", trainer.history, ["step", "loss", "lr"])
     with staged_dir(paths.out) as out:
         save_task_model(model, tokenizer, objective, task, out, pretrained=pretrained)
-        copy_task_files(paths.task, out)
+        copy_task_meta(paths.task, out)
     tracker.log_metrics({k: float(v) for k, v in summary.items()}, step=summary["steps"])
     tracker.flush()
     version = None

@@ -47,7 +47,8 @@ from pipeline_lib.rewards.text import Checker, accuracy_reward, combined_reward,
 from pipeline_lib.text.finetune import register_task_model, save_task_model, weights_digest
 from pipeline_lib.text.lm import load_lm
 from pipeline_lib.text.rollout import complete, completion_mask, decode_completions, encode_prompts
-from pipeline_lib.text.task_data import copy_task_files, read_task, task_digest
+from pipeline_lib.text.task_data import copy_task_meta, read_task, task_digest
+from pipeline_lib.text.task_eval import completions_of
 from pipeline_lib.text.tasks import Example
 from pipeline_lib.text.tokenizer import SpecialTokens
 from pipeline_lib.tracking import Tracker, read_run_record, write_json_atomic, write_run_record
@@ -243,16 +244,10 @@ def probe_signal(model: TransformerLM, objective: str, tokenizer: SpecialTokens,
     """Sample G completions for the first prompts of the rl split, as training will: the mean reward, the pass
     rate and the share of groups whose rewards are all equal (no learning signal)."""
     probe = list(examples[:PROBE_PROMPTS])
-    ids, real = encode_prompts([e.prompt for e in probe], tokenizer, task["prompt_len"])
     G = cfg.group_size
-    model.eval()
-    device = next(model.parameters()).device
-    completions = complete(model, objective, torch.from_numpy(ids).to(device).repeat_interleave(G, dim=0),
-                           torch.from_numpy(real).to(device).repeat_interleave(G, dim=0),
-                           answer_tokens=task["answer_tokens"], temperature=cfg.temperature,
-                           block_length=cfg.block_length, eos_id=task["eos_id"],
-                           generator=torch.Generator(device=device).manual_seed(seed))
-    texts = decode_completions(completions, tokenizer, task["eos_id"])
+    texts = [text for group in completions_of(model, objective, tokenizer, [e.prompt for e in probe], task,
+                                              temperature=cfg.temperature, block_length=cfg.block_length, samples=G,
+                                              seed=seed) for text in group]
     pairs = list(zip(texts, [e for e in probe for _ in range(G)], strict=True))
     rewards = torch.tensor([reward_of(cfg, t, e, checker) for t, e in pairs]).view(-1, G)
     return {"reward": rewards.mean().item(), "pass_rate": float(np.mean([accuracy_reward(t, e, checker)
@@ -330,7 +325,7 @@ def write_outputs(params: Params, paths: RLPaths, objective: str, trainer: Train
     with staged_dir(paths.out) as out:
         save_task_model(trainer.model, tokenizer, objective, config["task"], out,  # type: ignore[arg-type]
                         pretrained=config.get("pretrained"), sft=sft)
-        copy_task_files(paths.task, out)
+        copy_task_meta(paths.task, out)
     flat = {"rl_seconds": summary["rl_seconds"], **{f"probe.{k}": v for k, v in summary["probe"].items()}}
     tracker.log_metrics(flat)
     tracker.flush()

@@ -119,8 +119,7 @@ def complete(model: TransformerLM, objective: str, prompt_ids: Tensor, key_mask:
     else:
         raise ValueError(f"objective={objective!r}: expected 'ar' or 'mdm'")
     completions = out[:, prompt_ids.shape[1]:]
-    after_eos = (completions == eos_id).long().cumsum(dim=1) - (completions == eos_id).long() > 0
-    return completions.masked_fill(after_eos, eos_id)
+    return completions.masked_fill(~completion_mask(completions, eos_id), eos_id)
 
 
 def completion_mask(completions: Tensor, eos_id: int) -> Tensor:

@@ -104,6 +104,6 @@ def task_digest(folder: Path) -> str:
     return hashlib.sha256(json.dumps(meta["sha256"], sort_keys=True).encode()).hexdigest()
 
 
-def copy_task_files(folder: Path, out: Path) -> None:
+def copy_task_meta(folder: Path, out: Path) -> None:
     """Copy the task's meta into a model folder, so the model says what it was trained on."""
     shutil.copy(Path(folder) / META_FILE, Path(out) / "task.json")
