@@ -182,7 +182,7 @@ def drill(tmp_path_factory: pytest.TempPathFactory, make_project: Callable[..., 
     """The uninterrupted reference and the drill, run side by side; timings of each phase."""
     started = time.monotonic()
     base = tmp_path_factory.mktemp("drill")
-    template = make_project(base / "template", _tiny, text=False)  # one snapshot of the working tree for both copies
+    template = make_project(base / "template", _tiny)  # one snapshot of the working tree for both copies
     result = Drill(shutil.copytree(template, base / "reference", symlinks=True),
                    shutil.copytree(template, base / "drill", symlinks=True))
     result.timings["setup"] = time.monotonic() - started
