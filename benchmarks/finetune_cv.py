@@ -28,6 +28,7 @@ from sklearn.model_selection import RepeatedStratifiedKFold
 from pipeline_lib.config import load_params
 from pipeline_lib.data.store import read_split
 from pipeline_lib.eval.evaluate import predict_probabilities
+from pipeline_lib.models.factory import resolve_params
 from pipeline_lib.tracking import Tracker
 from pipeline_lib.trainers.finetune import FinetunePaths, FinetuneTrainer, build_classifier
 
@@ -42,8 +43,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="redraw the folds this many times")
     parser.add_argument("-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    params = load_params(args.params, args.overrides)
     labeled = read_split(args.data, "labeled")
+    params, scaling = resolve_params(load_params(args.params, args.overrides), data_img_size=labeled.images.shape[1])
     images, labels = np.asarray(labeled.images), np.asarray(labeled.labels)
     splitter = RepeatedStratifiedKFold(n_splits=args.folds, n_repeats=args.repeats, random_state=params.seed)
     device, accuracies, started = torch.device("cpu"), [], time.perf_counter()
@@ -53,7 +54,7 @@ def main() -> None:
             paths = FinetunePaths(args.data, None if args.scratch else args.encoder, Path(scratch_dir), Path(),
                                   Path(), Path(scratch_dir) / "ck")
             model, preprocess = build_classifier(
-                run_params, paths, in_chans=images.shape[-1], img_size=params.model.img_size or images.shape[1],
+                run_params, paths, in_chans=images.shape[-1], img_size=scaling.img_size,
                 num_classes=len(labeled.meta["class_names"]),
                 pixel_stats=(labeled.meta["pixel_mean"], labeled.meta["pixel_std"]))
             trainer = FinetuneTrainer(model, params.finetune, images[train], preprocess, labels=labels[train],

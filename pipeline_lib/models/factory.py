@@ -4,6 +4,10 @@ An exported network is a folder with its weights (`encoder.safetensors` for a pr
 `classifier.safetensors` for a finetuned classifier: the unwrapped state dict) and `config.json` (everything
 needed to rebuild it without the params file: architecture, input channels and size, normalisation, feature
 size, number of classes, and whatever the stage that made it records).
+
+Compound scaling (`model.compound_phi`, `pipeline_lib.models.compound`) is resolved once by the stage that
+decides the input size (`resolve_params`); networks are built and saved from the resolved spec only, whose
+`compound_phi` is 0, so `build_encoder` and `save_network` refuse a spec that still asks to be scaled.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import timm
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline_lib.config import ModelParams
+from pipeline_lib.config import ModelParams, Params
 from pipeline_lib.models.backbone import feature_dim
 from pipeline_lib.models.classifier import AbstainClassifier
+from pipeline_lib.models.compound import CompoundScaling, compound_scale
 from pipeline_lib.models.preprocess import Preprocess
 
 ENCODER_FILE = "encoder.safetensors"
@@ -36,15 +41,41 @@ def is_vit(name: str) -> bool:
     return timm.models.model_entrypoint(name).__module__.endswith(".vision_transformer")
 
 
+def resolve_params(params: Params, *, data_img_size: int) -> tuple[Params, CompoundScaling]:
+    """`params` with its `model` section compound-scaled for images of side `data_img_size`, and the record.
+
+    A stage calls this once, where it reads the data, and hands the result to everything downstream (encoder,
+    MAE decoder, preprocessing, saved config); it hashes its fingerprint from the params as configured. At
+    `model.compound_phi` 0 the params come back unchanged.
+
+    Raises:
+        ConfigError: no timm EfficientNet variant is near the scaled multipliers.
+    """
+    model, scaling = compound_scale(params.model, data_img_size=data_img_size)
+    return dataclasses.replace(params, model=model), scaling
+
+
+def _check_resolved(model: ModelParams) -> None:
+    if model.compound_phi != 0:
+        raise ValueError(
+            f"model.compound_phi={model.compound_phi!r}: build and save the resolved spec, "
+            "pipeline_lib.models.compound.compound_scale(model, ...)[0], whose compound_phi is 0"
+        )
+
+
 def build_encoder(model: ModelParams, *, in_chans: int, img_size: int, drop_path_rate: float = 0.0) -> nn.Module:
     """The encoder `model` describes, randomly initialised; `encoder(x)` gives pooled (B, D) features.
 
     Every timm model keeps its own classifier handling: `encoder.reset_classifier(num_classes)` turns it into
     a classifier (the finetune stage does).
+
+    Raises:
+        ValueError: `model.compound_phi` is not 0 (resolve the spec first: its input size changes too).
     """
     from pipeline_lib.models.backbone import create_backbone
     from pipeline_lib.models.mae import build_vit_encoder
 
+    _check_resolved(model)
     if is_vit(model.name):
         custom = model.name == "vit"
         patch_size = model.patch_size
@@ -63,8 +94,10 @@ def save_network(network: nn.Module, preprocess: Preprocess, model: ModelParams,
     """Write the weights (file name `weights`) and `config.json` into `folder`; return the config.
 
     `network` is an encoder (`num_classes` 0), the same encoder with a classification head, or such a
-    classifier with an abstain action (`AbstainClassifier`; config `abstain: true`, one more output).
+    classifier with an abstain action (`AbstainClassifier`; config `abstain: true`, one more output). `model`
+    is the resolved spec the network was built from (`compound_phi` 0).
     """
+    _check_resolved(model)
     extra.setdefault("abstain", isinstance(network, AbstainClassifier))
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in network.state_dict().items()}
@@ -94,9 +127,8 @@ def load_network(folder: Path, *, drop_path_rate: float = 0.0) -> tuple[nn.Modul
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: no exported network here (expected config.json and weights)")
     config = json.loads(config_path.read_text())
-    spec = dict(config["model"])
-    in_chans = spec.pop("in_chans")
-    model = ModelParams(**spec)
+    model = saved_model_params(config)
+    in_chans = config["model"]["in_chans"]
     network = build_encoder(model, in_chans=in_chans, img_size=model.img_size, drop_path_rate=drop_path_rate)
     if config.get("num_classes", 0):
         network.reset_classifier(config["num_classes"])
@@ -105,3 +137,10 @@ def load_network(folder: Path, *, drop_path_rate: float = 0.0) -> tuple[nn.Modul
     network.load_state_dict(load_file(folder / config.get("weights", ENCODER_FILE)))
     preprocess = Preprocess(**config["preprocess"])
     return network.eval(), preprocess.eval(), config
+
+
+def saved_model_params(config: dict[str, Any]) -> ModelParams:
+    """The `ModelParams` an exported network was built from (its `config.json`); keys added to `ModelParams`
+    after the export take their defaults."""
+    spec = {key: value for key, value in config["model"].items() if key != "in_chans"}
+    return ModelParams(**spec)

@@ -28,7 +28,7 @@ from pipeline_lib.data.store import Split, prepared_digest, read_split
 from pipeline_lib.eval.evaluate import predict_probabilities
 from pipeline_lib.eval.metrics import classification_metrics
 from pipeline_lib.models.classifier import AbstainClassifier
-from pipeline_lib.models.factory import CLASSIFIER_FILE, load_network, save_network
+from pipeline_lib.models.factory import CLASSIFIER_FILE, load_network, save_network, saved_model_params
 from pipeline_lib.outputs import staged_dir
 from pipeline_lib.rewards.classification import abstain_table, accuracy_table, bayes_actions, cost_table
 from pipeline_lib.rl.decisions import decision_report, risk_coverage
@@ -208,8 +208,8 @@ def write_outputs(params: Params, paths: RLPaths, model: nn.Module, preprocess: 
 
     upstream = read_run_record(paths.classifier)
     source = json.loads((paths.classifier / "config.json").read_text())
-    with staged_dir(paths.out) as out:
-        save_network(model, preprocess, params.model, out, in_chans=int(source["model"]["in_chans"]),
+    with staged_dir(paths.out) as out:  # the finetuned classifier's own (resolved) architecture
+        save_network(model, preprocess, saved_model_params(source), out, in_chans=int(source["model"]["in_chans"]),
                      weights=CLASSIFIER_FILE, class_names=class_names, reward=params.rl.reward.type,
                      finetuned={"sha256": encoder_digest(paths.classifier), "run_id": upstream.get("run_id"),
                                 "model_name": upstream.get("model_name"),

@@ -34,13 +34,16 @@ from pipeline_lib.data.augment import AugmentConfig
 from pipeline_lib.data.download import DataError, sha256_file
 from pipeline_lib.data.store import prepared_digest, read_split
 from pipeline_lib.models.classifier import attach_head, head_only_train
+from pipeline_lib.models.compound import log_model_size
 from pipeline_lib.models.factory import (
     CLASSIFIER_FILE,
     CONFIG_FILE,
     ENCODER_FILE,
     build_encoder,
     load_network,
+    resolve_params,
     save_network,
+    saved_model_params,
 )
 from pipeline_lib.models.preprocess import Preprocess
 from pipeline_lib.outputs import staged_dir
@@ -139,21 +142,25 @@ def fingerprint(params: Params, paths: FinetunePaths) -> str:
 
 def check_encoder(config: dict[str, Any], model: ModelParams, encoder_dir: Path) -> None:
     """The pretrained encoder must have the architecture `params.yaml` declares, else finetuning is not the
-    experiment the params describe."""
-    built = config["model"]
+    experiment the params describe. `model` is the resolved spec (compound scaling applied), as the encoder
+    saved it."""
+    built = dataclasses.asdict(saved_model_params(config))
     for key, value in dataclasses.asdict(model).items():
         if key == "img_size" and value is None:  # null: the data's size, which the encoder recorded
             continue
-        if built.get(key) != value:
+        if built[key] != value:
             raise ValueError(
-                f"model.{key}={value!r}, but the encoder in {encoder_dir} was pretrained with {key}="
-                f"{built.get(key)!r}; rerun pretraining (dvc repro) or set model.{key} back"
+                f"model.{key}={value!r}, but the encoder in {encoder_dir} was pretrained with {key}={built[key]!r} "
+                f"(both after compound scaling); rerun pretraining (dvc repro) or set the model section back"
             )
 
 
 def build_classifier(params: Params, paths: FinetunePaths, *, in_chans: int, img_size: int, num_classes: int,
                      pixel_stats: tuple[list[float], list[float]]) -> tuple[nn.Module, Preprocess]:
-    """The pretrained encoder (or a fresh one, same architecture) with a new head, and its preprocessing."""
+    """The pretrained encoder (or a fresh one, same architecture) with a new head, and its preprocessing.
+
+    `params.model` is the resolved spec (`resolve_params`) and `img_size` its input side.
+    """
     cfg = params.finetune
     torch.manual_seed(params.seed)  # identical head (and scratch encoder) on every process
     if paths.encoder is not None:
@@ -183,15 +190,18 @@ def run_finetune(params: Params, paths: FinetunePaths, tracker: Tracker, device:
         raise DataError(f"{paths.data}/labeled has no labels.npy: finetuning needs labels")
     class_names = list(labeled.meta["class_names"])
     _, height, _, in_chans = labeled.images.shape
-    img_size = params.model.img_size or height
+    run_fingerprint = fingerprint(params, paths)  # of the params as configured
+    params, scaling = resolve_params(params, data_img_size=height)  # from here on: the encoder actually built
     model, preprocess = build_classifier(
-        params, paths, in_chans=in_chans, img_size=img_size, num_classes=len(class_names),
+        params, paths, in_chans=in_chans, img_size=scaling.img_size, num_classes=len(class_names),
         pixel_stats=(labeled.meta["pixel_mean"], labeled.meta["pixel_std"]),
     )
+    if dist.is_main():  # before the trainer moves the model: counted on the CPU, in eval mode, weights untouched
+        log_model_size("finetune", scaling, model, in_chans=in_chans, tracker=tracker)
     trainer = FinetuneTrainer(
         model, cfg, labeled.images, preprocess, labels=np.asarray(labeled.labels), num_classes=len(class_names),
         device=device, seed=params.seed, checkpoint_dir=paths.checkpoints, tracker=tracker,
-        fingerprint=fingerprint(params, paths),
+        fingerprint=run_fingerprint,
     )
     if dist.is_main():
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

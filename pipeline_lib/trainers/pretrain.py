@@ -24,8 +24,9 @@ from pipeline_lib.data.download import DataError
 from pipeline_lib.data.store import prepared_digest, read_split
 from pipeline_lib.eval.knn import knn_accuracy
 from pipeline_lib.losses.contrastive import CONTRASTIVE_LOSSES, mocov3_loss
+from pipeline_lib.models.compound import log_model_size
 from pipeline_lib.models.contrastive import MoCoV3, SimCLR
-from pipeline_lib.models.factory import build_encoder, is_vit, save_network
+from pipeline_lib.models.factory import build_encoder, is_vit, resolve_params, save_network
 from pipeline_lib.models.mae import MaskedAutoencoder
 from pipeline_lib.models.preprocess import Preprocess
 from pipeline_lib.outputs import staged_dir
@@ -148,17 +149,25 @@ class PretrainPaths:
 
 
 def run_pretrain(params: Params, paths: PretrainPaths, tracker: Tracker, device: torch.device) -> dict[str, Any]:
-    """Train the encoder (resuming a matching checkpoint), then, on rank 0, evaluate and write every out."""
+    """Train the encoder (resuming a matching checkpoint), then, on rank 0, evaluate and write every out.
+
+    The `model` section is compound-scaled here, once (`resolve_params`): from here on `params.model` is the
+    encoder actually built and saved; the checkpoint fingerprint is of the params as configured.
+    """
     cfg = params.pretrain
     unlabeled = read_split(paths.data, "unlabeled")
     _, height, width, in_chans = unlabeled.images.shape
-    img_size = params.model.img_size or height
+    run_fingerprint = fingerprint(params, paths.data)
+    params, scaling = resolve_params(params, data_img_size=height)
+    img_size = scaling.img_size
     preprocess = Preprocess(unlabeled.meta["pixel_mean"], unlabeled.meta["pixel_std"], img_size)
     torch.manual_seed(params.seed)  # identical initial weights on every process (DDP also broadcasts rank 0's)
     model = build_pretrain_model(cfg, params.model, in_chans=in_chans, img_size=img_size)
+    if dist.is_main():  # before the trainer moves the model: counted on the CPU, in eval mode, weights untouched
+        log_model_size("pretrain", scaling, exported_encoder(model), in_chans=in_chans, tracker=tracker)
     trainer = TRAINERS[cfg.method](
         model, cfg, unlabeled.images, preprocess, device=device, seed=params.seed,
-        checkpoint_dir=paths.checkpoints, tracker=tracker, fingerprint=fingerprint(params, paths.data),
+        checkpoint_dir=paths.checkpoints, tracker=tracker, fingerprint=run_fingerprint,
     )
     if dist.is_main():
         n_params = sum(p.numel() for p in exported_encoder(model).parameters())
