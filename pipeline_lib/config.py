@@ -167,7 +167,16 @@ class ModelParams:
     `patch_size` overrides the model's own (null keeps it) and `global_pool` says which features the encoder
     gives (the class token, or the mean of the patch tokens as in MAE's finetuning); CNNs ignore both.
     Stochastic depth is a training choice, set per stage (`pretrain.drop_path_rate`, `finetune.drop_path_rate`).
+
+    Compound scaling (EfficientNet, Tan & Le 2019) grows the encoder with one knob: `compound_phi` = φ
+    multiplies depth by `compound_alpha`^φ, width by `compound_beta`^φ and the input resolution by
+    `compound_gamma`^φ (defaults: the paper's α = 1.2, β = 1.1, γ = 1.15). φ = 0 (the default) changes
+    nothing. `vit` scales `depth`, `embed_dim` and `img_size` itself; `efficientnet_b0`..`efficientnet_b7`
+    moves to the timm variant nearest the scaled multipliers (`pipeline_lib.models.compound`). The stages
+    resolve the scaled spec once and save that (with φ = 0), so a saved config rebuilds the same network.
     """
+
+    compound_models: ClassVar[tuple[str, ...]] = ("vit", *(f"efficientnet_b{i}" for i in range(8)))
 
     name: str = "vit"
     img_size: int | None = None
@@ -176,9 +185,24 @@ class ModelParams:
     depth: int = 4
     num_heads: int = 4
     global_pool: GlobalPool = "avg"
+    compound_phi: float = 0.0
+    compound_alpha: float = 1.2
+    compound_beta: float = 1.1
+    compound_gamma: float = 1.15
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "model.name", self.name, "must be 'vit' or a timm model name")
+        _check(self.compound_phi >= 0, "model.compound_phi", self.compound_phi, "must be >= 0 (0: no scaling)")
+        for name in ("compound_alpha", "compound_beta", "compound_gamma"):
+            value = getattr(self, name)
+            _check(value >= 1, f"model.{name}", value, "must be >= 1 (a multiplier per unit of model.compound_phi)")
+        _check(
+            self.compound_phi == 0 or self.name in self.compound_models,
+            "model.compound_phi",
+            self.compound_phi,
+            f"compound scaling supports model.name {', '.join(self.compound_models)}; model.name={self.name!r} "
+            "is none of them (set model.compound_phi to 0)",
+        )
         for name in ("embed_dim", "depth", "num_heads"):
             value = getattr(self, name)
             _check(value >= 1, f"model.{name}", value, "must be a positive integer")
@@ -497,6 +521,7 @@ TextSource = Literal["embedded", "url", "folder"]
 TokenizerKind = Literal["char", "bpe"]
 NGramMethod = Literal["kneser_ney", "add_k"]
 LMObjective = Literal["ar", "mdm"]
+HparamsMode = Literal["manual", "auto"]
 
 
 @dataclass(frozen=True)
@@ -533,14 +558,67 @@ class TextDataParams:
 
 
 @dataclass(frozen=True)
+class TextMoEParams:
+    """DeepSeek-V3's mixture-of-experts feed-forward for the text transformer (`pipeline_lib.models.moe`).
+
+    Each token goes through `shared_experts` always and through `top_k` of `routed_experts` SwiGLU experts picked
+    by sigmoid affinities plus a per-expert bias; the bias only picks, it never weights. After each optimizer step
+    the bias moves by `bias_update_speed` (gamma) toward balance: up for an expert below the mean load, down for
+    one above it (auxiliary-loss-free balancing). `groups` > 1 limits each token to the `topk_groups` best groups
+    of experts (scored by their top-2 affinities). `balance_loss_alpha` > 0 adds the complementary sequence-wise
+    balance loss. The first `dense_layers` blocks keep the dense feed-forward. `expert_hidden` null sizes an
+    expert so that a token's activated experts hold about the dense feed-forward's parameters.
+    """
+
+    enabled: bool = False
+    routed_experts: int = 8
+    shared_experts: int = 1
+    top_k: int = 2
+    expert_hidden: int | None = None
+    groups: int = 1
+    topk_groups: int = 1
+    route_scale: float = 1.0
+    bias_update_speed: float = 1.0e-3
+    balance_loss_alpha: float = 0.0
+    dense_layers: int = 0
+
+    def __post_init__(self) -> None:
+        key = "text_model.moe."
+        for name in ("routed_experts", "top_k", "groups", "topk_groups"):
+            _check(getattr(self, name) >= 1, key + name, getattr(self, name), "must be a positive integer")
+        for name in ("shared_experts", "dense_layers"):
+            _check(getattr(self, name) >= 0, key + name, getattr(self, name), "must be an integer >= 0")
+        if self.expert_hidden is not None:
+            _check(self.expert_hidden >= 1, key + "expert_hidden", self.expert_hidden,
+                   "must be a positive integer or null (sized from d_model)")
+        _check(self.routed_experts % self.groups == 0, key + "groups", self.groups,
+               f"must divide {key}routed_experts={self.routed_experts}")
+        per_group = self.routed_experts // self.groups
+        _check(self.groups == 1 or per_group >= 2, key + "groups", self.groups,
+               "must leave at least 2 experts per group (a group is scored by its top-2 affinities)")
+        _check(self.topk_groups <= self.groups, key + "topk_groups", self.topk_groups,
+               f"must be <= {key}groups={self.groups}")
+        _check(self.top_k <= self.topk_groups * per_group, key + "top_k", self.top_k,
+               f"must be <= the {self.topk_groups * per_group} experts of the kept groups "
+               f"({key}topk_groups x routed_experts / groups)")
+        _check(self.route_scale > 0, key + "route_scale", self.route_scale, "must be > 0")
+        _check(self.bias_update_speed >= 0, key + "bias_update_speed", self.bias_update_speed,
+               "must be >= 0 (0: no bias update)")
+        _check(self.balance_loss_alpha >= 0, key + "balance_loss_alpha", self.balance_loss_alpha,
+               "must be >= 0 (0: no sequence-wise balance loss)")
+
+
+@dataclass(frozen=True)
 class TextModelParams:
-    """The text track's transformer (pre-norm, RoPE, SwiGLU), shared by both objectives."""
+    """The text track's transformer (pre-norm, RoPE, SwiGLU), shared by both objectives; `moe` turns its
+    feed-forward layers into DeepSeek-V3 mixtures of experts."""
 
     d_model: int = 96
     n_layer: int = 2
     n_head: int = 3
     seq_len: int = 64
     dropout: float = 0.0  # on embeddings, attention weights and residual branches, while training only
+    moe: TextMoEParams = dataclasses.field(default_factory=TextMoEParams)
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layer", "n_head", "seq_len"):
@@ -548,6 +626,9 @@ class TextModelParams:
         _check(0.0 <= self.dropout < 1.0, "text_model.dropout", self.dropout, "must be in [0, 1)")
         _check(self.d_model % self.n_head == 0 and (self.d_model // self.n_head) % 2 == 0, "text_model.n_head",
                self.n_head, f"must divide text_model.d_model={self.d_model} into heads of even size (RoPE)")
+        _check(not self.moe.enabled or self.moe.dense_layers < self.n_layer, "text_model.moe.dense_layers",
+               self.moe.dense_layers, f"must be below text_model.n_layer={self.n_layer} (no layer would be a "
+               "mixture of experts)")
 
 
 @dataclass(frozen=True)
@@ -588,12 +669,29 @@ class TextPretrainParams(LMTrainParams):
     """Language-model pretraining of the transformer: `ar` (next token) or `mdm` (LLaDA masked diffusion).
 
     An epoch is one pass over the training tokens in windows of `text_model.seq_len`; `batch_size` counts
-    windows.
+    windows. `mtp_depth` > 0 trains DeepSeek-V3's multi-token prediction modules beside an `ar` model (weight
+    `mtp_weight`; `mdm` predicts every masked position at once and has none); they are not exported. `hparams:
+    auto` replaces `batch_size` and the lr by DeepSeek LLM's compute-budget laws (`pipeline_lib.text.hparams`) at
+    `compute_budget` FLOPs (null: the run's own, FLOPs per token x training tokens).
     """
 
     section: ClassVar[str] = "text_pretrain"
 
     epochs: int = 6
+    mtp_depth: int = 0
+    mtp_weight: float = 0.3
+    hparams: HparamsMode = "manual"
+    compute_budget: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.mtp_depth >= 0, "text_pretrain.mtp_depth", self.mtp_depth, "must be an integer >= 0 (0: off)")
+        _check(self.mtp_weight > 0, "text_pretrain.mtp_weight", self.mtp_weight, "must be > 0")
+        if self.compute_budget is not None:
+            _check(self.hparams == "auto", "text_pretrain.compute_budget", self.compute_budget,
+                   "is only read with text_pretrain.hparams='auto'; set it to null")
+            _check(self.compute_budget > 0, "text_pretrain.compute_budget", self.compute_budget,
+                   "must be > 0 FLOPs, or null (the run's own: FLOPs per token x training tokens)")
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,15 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return out / world_size()
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of `tensor` over all processes (a copy; the input is left alone)."""
+    if world_size() == 1:
+        return tensor.clone()
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
 def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return tensor.clone()

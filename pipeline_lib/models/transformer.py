@@ -15,15 +15,23 @@ Parts, as in LLaMA-style models and nanoGPT's layout (karpathy/nanoGPT `model.py
 - `F.scaled_dot_product_attention(is_causal=causal)`, which picks a flash or memory-efficient kernel when it can.
 - The output head is the token embedding's first `vocab_size` rows (weight tying, as in nanoGPT): logits never
   include the mask id, which lives in an extra embedding row outside the vocabulary.
+- Optionally, DeepSeek-V3's mixture of experts in place of the feed-forward (`moe`, see `models.moe`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from pipeline_lib.models.moe import MoE, expert_hidden
+
+if TYPE_CHECKING:
+    from pipeline_lib.config import TextMoEParams
 
 
 def swiglu_hidden(d_model: int, multiple_of: int = 8) -> int:
@@ -97,11 +105,12 @@ class SelfAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)): the gated feed-forward of Shazeer 2020, without biases."""
+    """down(silu(gate(x)) * up(x)): the gated feed-forward of Shazeer 2020, without biases; `hidden` None is
+    `swiglu_hidden(d_model)`."""
 
-    def __init__(self, d_model: int, *, dropout: float) -> None:
+    def __init__(self, d_model: int, *, hidden: int | None = None, dropout: float) -> None:
         super().__init__()
-        hidden = swiglu_hidden(d_model)
+        hidden = hidden or swiglu_hidden(d_model)
         self.gate = nn.Linear(d_model, hidden, bias=False)
         self.up = nn.Linear(d_model, hidden, bias=False)
         self.down = nn.Linear(hidden, d_model, bias=False)  # residual projection (scaled init)
@@ -113,19 +122,38 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); `moe` makes the mlp a mixture of
+    experts."""
 
-    def __init__(self, d_model: int, n_head: int, *, causal: bool, dropout: float) -> None:
+    def __init__(self, d_model: int, n_head: int, *, causal: bool, dropout: float,
+                 moe: TextMoEParams | None = None) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(d_model, eps=1e-6)
         self.attn = SelfAttention(d_model, n_head, causal=causal, dropout=dropout)
         self.mlp_norm = nn.RMSNorm(d_model, eps=1e-6)
-        self.mlp = SwiGLU(d_model, dropout=dropout)
+        self.mlp: nn.Module = SwiGLU(d_model, dropout=dropout) if moe is None else MoE(
+            d_model, moe, SwiGLU, hidden=expert_hidden(d_model, moe, swiglu_hidden(d_model)), dropout=dropout)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         """(B, T, C) -> (B, T, C)."""
         x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask)
         return x + self.mlp(self.mlp_norm(x))
+
+
+def init_weights(root: nn.Module, n_layer: int) -> None:
+    """nanoGPT's init: normal(0, 0.02) linears and embeddings, residual projections scaled by 1/sqrt(2 n_layer).
+
+    Each block adds two residual branches; scaling their output projections (attention's and every
+    feed-forward's, experts included) keeps the residual stream's variance at initialisation about independent
+    of depth (GPT-2). RMSNorm weights start at 1.
+    """
+    for module in root.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    for module in root.modules():
+        if isinstance(module, (SelfAttention, SwiGLU)):
+            projection = module.proj if isinstance(module, SelfAttention) else module.down
+            nn.init.normal_(projection.weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
 
 
 class TransformerLM(nn.Module):
@@ -141,6 +169,8 @@ class TransformerLM(nn.Module):
         mask_token: add an embedding row for the MASK id `vocab_size`, outside the vocabulary: it can be read,
             never predicted.
         dropout: on the embeddings, the attention weights and both residual branches.
+        moe: the `text_model.moe` section when enabled: blocks from `moe.dense_layers` on get a mixture-of-experts
+            feed-forward; None keeps every block dense.
 
     Attributes:
         mask_id: `vocab_size` with `mask_token`, else None.
@@ -162,6 +192,7 @@ class TransformerLM(nn.Module):
         causal: bool,
         mask_token: bool = False,
         dropout: float = 0.0,
+        moe: TextMoEParams | None = None,
     ) -> None:
         super().__init__()
         if d_model % n_head or (d_model // n_head) % 2:
@@ -169,28 +200,21 @@ class TransformerLM(nn.Module):
         if vocab_size < 1 or n_layer < 1 or max_len < 1:
             raise ValueError(f"vocab_size={vocab_size}, n_layer={n_layer} and max_len={max_len} must be >= 1")
         self.vocab_size, self.max_len, self.causal, self.n_layer = vocab_size, max_len, causal, n_layer
+        self.n_head, self.moe = n_head, moe
         self.mask_id: int | None = vocab_size if mask_token else None
         self.embed = nn.Embedding(vocab_size + int(mask_token), d_model)  # rows [:V] double as the output head
         self.drop = nn.Dropout(dropout)
         self.rotary = RotaryEmbedding(d_model // n_head, max_len)
         self.blocks = nn.ModuleList(
-            Block(d_model, n_head, causal=causal, dropout=dropout) for _ in range(n_layer)
+            Block(d_model, n_head, causal=causal, dropout=dropout,
+                  moe=moe if moe is not None and layer >= moe.dense_layers else None)
+            for layer in range(n_layer)
         )
         self.norm = nn.RMSNorm(d_model, eps=1e-6)
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """nanoGPT's init: normal(0, 0.02) linears and embedding, residual projections scaled by 1/sqrt(2 n_layer).
-
-        Each block adds two residual branches; scaling their output projections keeps the residual stream's
-        variance at initialisation about independent of depth (GPT-2). RMSNorm weights start at 1.
-        """
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        for block in self.blocks:
-            for projection in (block.attn.proj, block.mlp.down):
-                nn.init.normal_(projection.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.n_layer))
+        init_weights(self, self.n_layer)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; `non_embedding` leaves out the token embedding (which is also the tied head).
@@ -201,14 +225,40 @@ class TransformerLM(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return total - self.embed.weight.numel() if non_embedding else total
 
-    def forward(self, ids: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        """(B, T) token ids, T <= max_len, the mask id allowed with `mask_token` -> logits (B, T, vocab_size).
+    def active_mlp_params(self) -> float:
+        """Feed-forward parameters one token passes through, averaged over the layers: the dense SwiGLU's, or the
+        router, `top_k` routed experts and the shared experts of a mixture of experts (for FLOPs per token)."""
+        total = 0
+        for block in self.blocks:
+            mlp = block.mlp
+            if isinstance(mlp, MoE):
+                expert = sum(p.numel() for p in mlp.experts[0].parameters())
+                shared = sum(p.numel() for p in mlp.shared.parameters()) if mlp.shared is not None else 0
+                total += mlp.router.weight.numel() + mlp.spec.top_k * expert + shared
+            else:
+                total += sum(p.numel() for p in mlp.parameters())
+        return total / self.n_layer
 
-        `key_mask` (B, T) bool marks the real tokens of a padded batch: no position reads a padding position
-        (False), so the logits of the real positions are those of the unpadded sequence wherever the padding
-        sits (left padding keeps the relative positions RoPE sees). A padding position reads only itself; its
-        logits are meaningless.
-        """
+    def num_active_params(self) -> int:
+        """Non-embedding parameters one token passes through: `num_params()` with only the router, `top_k` routed
+        experts and the shared experts of each mixture-of-experts layer (equal to `num_params()` when dense)."""
+        mlp = sum(p.numel() for block in self.blocks for p in block.mlp.parameters())
+        return self.num_params() - mlp + round(self.active_mlp_params() * self.n_layer)
+
+    def architecture(self) -> dict[str, Any]:
+        """What rebuilds this model (with `TransformerLM(vocab_size, **rest)`), as JSON-ready values; `moe` is
+        the mixture-of-experts section or None."""
+        return {"vocab_size": self.vocab_size, "d_model": self.embed.weight.shape[1], "n_layer": self.n_layer,
+                "n_head": self.n_head, "max_len": self.max_len,
+                "moe": dataclasses.asdict(self.moe) if self.moe is not None else None}
+
+    def positions(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The rotary tables (cos, sin), each (length, hs/2), for positions 0 .. length - 1."""
+        return self.rotary(torch.arange(length, device=device))
+
+    def trunk(self, ids: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """(B, T) ids -> (B, T, C) the last block's output, before the final norm (what `head` and multi-token
+        prediction read); `key_mask` as in `forward`."""
         if ids.ndim != 2:
             raise ValueError(f"ids must be (B, T), got shape {tuple(ids.shape)}")
         length = ids.shape[1]  # T
@@ -224,12 +274,25 @@ class TransformerLM(nn.Module):
             if self.causal:
                 allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
             attn_mask = allowed[:, None]  # (B, 1, T, T), shared by the heads
-        cos, sin = self.rotary(torch.arange(length, device=ids.device))  # (T, hs/2) each
+        cos, sin = self.positions(length, ids.device)  # (T, hs/2) each
         x = self.drop(self.embed(ids))  # (B, T, C)
         for block in self.blocks:
             x = block(x, cos, sin, attn_mask)
-        x = self.norm(x)
-        return F.linear(x, self.embed.weight[: self.vocab_size])  # (B, T, V): the mask row is never a class
+        return x
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """(B, T, C) hidden states -> (B, T, V) logits: final norm, then the tied output rows."""
+        return F.linear(self.norm(hidden), self.embed.weight[: self.vocab_size])  # the mask row is never a class
+
+    def forward(self, ids: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """(B, T) token ids, T <= max_len, the mask id allowed with `mask_token` -> logits (B, T, vocab_size).
+
+        `key_mask` (B, T) bool marks the real tokens of a padded batch: no position reads a padding position
+        (False), so the logits of the real positions are those of the unpadded sequence wherever the padding
+        sits (left padding keeps the relative positions RoPE sees). A padding position reads only itself; its
+        logits are meaningless.
+        """
+        return self.head(self.trunk(ids, key_mask))
 
 
 def grow_vocab(model: TransformerLM, new_tokens: int) -> TransformerLM:

@@ -33,7 +33,7 @@ from pipeline_lib.config import Params, flatten, params_hash
 from pipeline_lib.losses.lm import mdm_corrupt, sft_ar_loss, sft_mdm_loss
 from pipeline_lib.models.transformer import TransformerLM, grow_vocab
 from pipeline_lib.outputs import staged_dir
-from pipeline_lib.text.lm import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, LMTrainer, build_lm, load_lm
+from pipeline_lib.text.lm import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, LMTrainer, build_lm, lm_config, load_lm
 from pipeline_lib.text.rollout import EOS, ROLE, check_fits, encode_examples, prompt_length, task_tokenizer
 from pipeline_lib.text.task_data import copy_task_meta, read_task, task_digest
 from pipeline_lib.text.tokenizer import SpecialTokens, load_tokenizer
@@ -154,10 +154,7 @@ def save_task_model(model: TransformerLM, tokenizer: SpecialTokens, objective: s
                     out: Path, **extra: Any) -> None:
     """A task model folder: weights, config (architecture, objective, `task`, extras) and tokenizer."""
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS_FILE)
-    block = model.blocks[0]
-    config = {"objective": objective, "vocab_size": model.vocab_size, "max_len": model.max_len,
-              "d_model": model.embed.weight.shape[1], "n_layer": model.n_layer, "n_head": block.attn.n_head,
-              "task": task, **extra}
+    config = lm_config(model, objective, task=task, **extra)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     tokenizer.save(out / TOKENIZER_FILE)
 

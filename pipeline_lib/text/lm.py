@@ -11,9 +11,11 @@ A trained model is a folder: `model.safetensors`, `config.json` (architecture, o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +26,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from pipeline_lib import dist
-from pipeline_lib.config import Params, flatten, params_hash
+from pipeline_lib.config import Params, TextMoEParams, TextPretrainParams, flatten, params_hash
 from pipeline_lib.losses.lm import ar_loss, mdm_corrupt, mdm_loss
+from pipeline_lib.models.mtp import MultiTokenPrediction, mtp_losses
 from pipeline_lib.models.transformer import TransformerLM
 from pipeline_lib.outputs import staged_dir
 from pipeline_lib.text.corpus import read_text_meta, read_tokens
+from pipeline_lib.text.hparams import AutoHparams, ScalingLawRangeWarning, auto_hparams, flops_per_token
 from pipeline_lib.text.tokenizer import Tokenizer, load_tokenizer
 from pipeline_lib.tracking import Tracker, write_json_atomic, write_run_record
 from pipeline_lib.trainers.base import Batch, Trainer, code_digest
@@ -46,27 +50,47 @@ def token_windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
 
 
 def build_lm(vocab_size: int, params: Params, objective: str) -> TransformerLM:
-    """The transformer `text_model` describes: causal for `ar`, bidirectional with a MASK id for `mdm`."""
+    """The transformer `text_model` describes: causal for `ar`, bidirectional with a MASK id for `mdm`, with
+    mixture-of-experts feed-forwards when `text_model.moe.enabled`."""
     cfg = params.text_model
     return TransformerLM(vocab_size, d_model=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
                          max_len=cfg.seq_len, causal=objective == "ar", mask_token=objective == "mdm",
-                         dropout=cfg.dropout)
+                         dropout=cfg.dropout, moe=cfg.moe if cfg.moe.enabled else None)
+
+
+def exported(model: nn.Module) -> TransformerLM:
+    """The language model a trained module exports: itself, or the main model of a multi-token predictor."""
+    return model.lm if isinstance(model, MultiTokenPrediction) else model  # type: ignore[return-value]
+
+
+def lm_config(model: TransformerLM, objective: str, **extra: Any) -> dict[str, Any]:
+    """A model folder's `config.json`: the objective, the architecture (`load_lm` rebuilds it) and `extra`."""
+    return {"objective": objective, **model.architecture(), **extra}
 
 
 class LMTrainer(Trainer):
-    """The base trainer on token windows: `Batch.images` holds (b, seq_len + 1) int64 ids."""
+    """The base trainer on token windows: `Batch.images` holds (b, seq_len + 1) int64 ids.
+
+    A `MultiTokenPrediction` model (`ar` only) adds `mtp_weight` times its modules' mean loss to the next-token
+    loss and logs each depth's loss and accuracy beside the main model's next-token accuracy.
+    """
 
     stage = "text_pretrain"
 
-    def __init__(self, *args: Any, objective: str, mdm_eps: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, objective: str, mdm_eps: float, mtp_weight: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.objective, self.mdm_eps = objective, mdm_eps
+        self.objective, self.mdm_eps, self.mtp_weight = objective, mdm_eps, mtp_weight
 
     def load_images(self, index: np.ndarray) -> Tensor:
         return torch.from_numpy(self.images[index].astype(np.int64)).to(self.device, non_blocking=True)
 
     def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
         ids = batch.images  # (b, L + 1)
+        if isinstance(self.model, MultiTokenPrediction):
+            logits = self.forward_model(ids[:, :-1])  # [main (b, L, V), depth k (b, L - k, V) ...]
+            next_token = ar_loss(logits[0], ids[:, 1:])
+            extra = mtp_losses(logits, ids)
+            return {"loss": next_token + self.mtp_weight * extra["mtp_loss"], "next_token_loss": next_token, **extra}
         if self.objective == "ar":
             return {"loss": ar_loss(self.forward_model(ids[:, :-1]), ids[:, 1:])}
         clean = ids[:, :-1]  # (b, L)
@@ -104,6 +128,44 @@ def fingerprint(params: Params, paths: LMPaths, objective: str) -> str:
                         "code": code_digest()})
 
 
+def auto_hparams_for(params: Params, model: TransformerLM, windows: np.ndarray) -> AutoHparams:
+    """`hparams: auto`: the batch and lr of DeepSeek LLM's laws for this model (FLOPs per token of its active
+    feed-forward) trained on `windows` for `epochs`, or at `compute_budget`."""
+    cfg, seq_len = params.text_pretrain, params.text_model.seq_len
+    flops = flops_per_token(n_layer=model.n_layer, d_model=model.embed.weight.shape[1], seq_len=seq_len,
+                            mlp_active_params=round(model.active_mlp_params()))
+    with warnings.catch_warnings():  # the notes say the same and are printed and logged below
+        warnings.simplefilter("ignore", ScalingLawRangeWarning)
+        return auto_hparams(flops_per_token=flops, tokens=cfg.epochs * len(windows) * seq_len, seq_len=seq_len,
+                            compute=cfg.compute_budget, max_batch=len(windows),
+                            multiple_of=cfg.accumulation_steps * dist.world_size())
+
+
+def training_setup(params: Params, model: TransformerLM, windows: np.ndarray,
+                   objective: str) -> tuple[nn.Module, TextPretrainParams, AutoHparams | None]:
+    """What `text_pretrain` trains and with which keys: the model, wrapped in multi-token prediction for `ar`
+    with `mtp_depth`, and the section, with batch_size and base_lr from the laws with `hparams: auto`."""
+    cfg, auto = params.text_pretrain, None
+    if cfg.hparams == "auto":
+        auto = auto_hparams_for(params, model, windows)
+        cfg = dataclasses.replace(cfg, batch_size=auto.batch_size, base_lr=auto.lr * 256 / auto.batch_size)
+    trained: nn.Module = model
+    if cfg.mtp_depth and objective == "ar":
+        trained = MultiTokenPrediction(model, cfg.mtp_depth)
+    return trained, cfg, auto
+
+
+def describe(model: TransformerLM, trained: nn.Module) -> str:
+    """Parameter counts for the start-of-run line: non-embedding, active per token with experts, MTP modules."""
+    text = f"{model.num_params() / 1e6:.3f}M non-embedding params"
+    if model.moe is not None:
+        text += f" ({model.num_active_params() / 1e6:.3f}M active per token)"
+    if trained is not model:
+        extra = sum(p.numel() for p in trained.parameters()) - sum(p.numel() for p in model.parameters())
+        text += f" + {extra / 1e6:.3f}M in multi-token prediction (training only)"
+    return text
+
+
 def run_text_pretrain(params: Params, paths: LMPaths, objective: str, tracker: Tracker,
                       device: torch.device) -> dict[str, Any]:
     """Train the language model (resuming a matching checkpoint); rank 0 writes the model, metrics and curve."""
@@ -111,15 +173,26 @@ def run_text_pretrain(params: Params, paths: LMPaths, objective: str, tracker: T
     windows = token_windows(read_tokens(paths.data, "train"), params.text_model.seq_len)
     torch.manual_seed(params.seed)  # identical initial weights in every run and on every process
     model = build_lm(meta["vocab_size"], params, objective)
-    trainer = LMTrainer(model, params.text_pretrain, windows, nn.Identity(), objective=objective,
-                        mdm_eps=params.text_pretrain.mdm_eps, device=device, seed=params.seed,
+    trained, cfg, auto = training_setup(params, model, windows, objective)
+    trainer = LMTrainer(trained, cfg, windows, nn.Identity(), objective=objective, mdm_eps=cfg.mdm_eps,
+                        mtp_weight=cfg.mtp_weight, device=device, seed=params.seed,
                         checkpoint_dir=paths.checkpoints, tracker=tracker,
                         fingerprint=fingerprint(params, paths, objective))
-    tokens_per_step = params.text_pretrain.batch_size * params.text_model.seq_len
+    tokens_per_step = cfg.batch_size * params.text_model.seq_len
     if dist.is_main():
+        if auto is not None:
+            tracker.log_params(auto.as_params())
+            print(f"text_pretrain: hparams auto at C = {auto.compute:.3g} FLOPs ({auto.flops_per_token:.3g} per "
+                  f"token x {auto.tokens:.3g} tokens): law lr {auto.law_lr:.3g}, batch {auto.law_batch_tokens:.4g} "
+                  f"tokens; used lr {auto.lr:.3g}, batch {auto.batch_size}")
+            for note in auto.notes:
+                print(f"text_pretrain: warning: {note}")
+        if cfg.mtp_depth and objective != "ar":
+            print("text_pretrain: text_pretrain.mtp_depth applies to ar only (mdm predicts every masked position "
+                  "at once); training mdm without it")
         print(f"text_pretrain: {objective} on {len(windows)} windows of {params.text_model.seq_len} tokens, "
-              f"{model.num_params() / 1e6:.3f}M non-embedding params, {trainer.total_steps} steps of "
-              f"{tokens_per_step} tokens, lr {trainer.lr:.2e}, {dist.world_size()} process(es) on {device}")
+              f"{describe(model, trained)}, {trainer.total_steps} steps of {tokens_per_step} tokens, "
+              f"lr {trainer.lr:.2e}, {dist.world_size()} process(es) on {device}")
     started = time.perf_counter()
     result = trainer.fit()
     if not dist.is_main():
@@ -129,6 +202,8 @@ def run_text_pretrain(params: Params, paths: LMPaths, objective: str, tracker: T
                "tokens_per_second": result.images_per_second * params.text_model.seq_len,
                "resumed_from_step": result.resumed_from, "train_seconds": round(time.perf_counter() - started, 2),
                "params": model.num_params(non_embedding=False), "non_embedding_params": model.num_params()}
+    summary.update({key: last[key] for key in ("next_token_loss", "mtp_loss", "accuracy", "mtp1_accuracy",
+                                               "moe.max_violation") if key in last})
     write_outputs(params, paths, objective, trainer, summary, tracker)
     return summary
 
@@ -141,14 +216,12 @@ def write_outputs(params: Params, paths: LMPaths, objective: str, trainer: Train
     from pipeline_lib.registry import register_model
     from pipeline_lib.text.generate import LanguageModel
 
-    model: TransformerLM = trainer.model  # type: ignore[assignment]
+    model = exported(trainer.model)  # without multi-token prediction modules
     with staged_dir(paths.plots) as plots:
         write_csv(plots / "loss.csv", trainer.history, ["step", "loss", "lr"])
     with staged_dir(paths.out) as out:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS_FILE)
-        config = {"objective": objective, "vocab_size": model.vocab_size, "max_len": model.max_len,
-                  **{k: getattr(params.text_model, k) for k in ("d_model", "n_layer", "n_head")},
-                  "data": read_text_meta(paths.data)["sha256"]["train.bin"]}
+        config = lm_config(model, objective, data=read_text_meta(paths.data)["sha256"]["train.bin"])
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         shutil.copy(paths.data / TOKENIZER_FILE, out / TOKENIZER_FILE)
     tracker.log_metrics({k: float(v) for k, v in summary.items()}, step=summary["steps"])
@@ -168,8 +241,9 @@ def load_lm(folder: Path, device: torch.device | str = "cpu") -> tuple[Transform
     """A trained language model folder -> (model in eval mode, its tokenizer, its config)."""
     folder = Path(folder)
     config = json.loads((folder / CONFIG_FILE).read_text())
+    moe = config.get("moe")
     model = TransformerLM(config["vocab_size"], d_model=config["d_model"], n_layer=config["n_layer"],
                           n_head=config["n_head"], max_len=config["max_len"], causal=config["objective"] == "ar",
-                          mask_token=config["objective"] == "mdm")
+                          mask_token=config["objective"] == "mdm", moe=TextMoEParams(**moe) if moe else None)
     model.load_state_dict(load_file(folder / WEIGHTS_FILE))
     return model.to(device).eval(), load_tokenizer(folder / TOKENIZER_FILE), config

@@ -13,6 +13,10 @@ lives here once. Three rules make runs reproducible and resumable bit for bit on
   history, written atomically; a run whose fingerprint (params + data) matches resumes from it. Metrics are
   logged as means over every `log_every` steps, and a checkpoint also closes such a window, so no logged
   mean straddles a resume point.
+
+A model with mixture-of-experts layers is balanced here too, whatever the method (`models.moe.ExpertBalancer`):
+their sequence-wise balance loss joins each micro-batch's loss, and after each optimizer step their biases move
+by the step's all-reduced load.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from tqdm import tqdm
 from pipeline_lib import dist
 from pipeline_lib.config import TrainParams
 from pipeline_lib.data.augment import AugmentConfig, BatchAugment
+from pipeline_lib.models.moe import ExpertBalancer
 from pipeline_lib.models.preprocess import Preprocess
 from pipeline_lib.tracking import Tracker
 
@@ -137,6 +142,7 @@ class Trainer:
         self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch * updates)
 
         self.model = model.to(device)  # unwrapped: what checkpoints and exports hold
+        self.balancer = ExpertBalancer(self.model)  # empty unless the model has mixture-of-experts layers
         self.lr = cfg.base_lr * cfg.batch_size / 256
         groups = self.param_groups()
         for group in groups:  # layer-wise lr decay: a group may scale the lr (timm's `lr_scale`)
@@ -233,6 +239,9 @@ class Trainer:
             sync = micro == accumulation - 1 or not isinstance(self.forward_model, DistributedDataParallel)
             with (nullcontext() if sync else self.forward_model.no_sync()), self.autocast():
                 out = self.compute_loss(batch)
+                balance = self.balancer.pop_balance_loss()  # mixture-of-experts layers' sequence-wise loss
+                if balance is not None:
+                    out = {**out, "loss": out["loss"] + balance, "balance_loss": balance}
             (out["loss"] / accumulation).backward()
             for name, value in out.items():
                 totals[name] = totals.get(name, 0.0) + value.detach().float() / accumulation
@@ -242,6 +251,7 @@ class Trainer:
         totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm).detach().float()
         self.optimizer.step()
         self.scheduler.step()
+        totals.update(self.balancer.update())  # mixture-of-experts layers: bias step from the step's whole load
         self.after_step(step)
         return totals
 

@@ -193,6 +193,9 @@ def _check_text(repo: Path) -> None:
     client = mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db")
     run = client.get_run(json.loads((repo / "models/text/mdm/run.json").read_text())["run_id"])
     assert run.info.run_name == "text_pretrain_mdm" and run.data.tags["objective"] == "mdm"
+    assert {"moe.max_violation", "moe.layer0.load.e3"} <= run.data.metrics.keys()  # the toy track's MoE
+    ar_run = client.get_run(json.loads((repo / "models/text/ar/run.json").read_text())["run_id"])
+    assert {"mtp1_accuracy", "mtp_loss"} <= ar_run.data.metrics.keys()  # and its multi-token prediction
     evaluated = client.search_runs([run.info.experiment_id], "attributes.run_name = 'text_evaluate'")[0]
     assert {a.path for a in client.list_artifacts(evaluated.info.run_id, "samples")} == {
         "samples/ar.txt", "samples/mdm.txt"}
@@ -232,6 +235,7 @@ def _check_text_tasks(repo: Path) -> None:
     rl_version = client.get_model_version("ssl-pipeline-task-lm", str(rl["model_version"]))
     assert rl_version.tags["stage"] == "text_rl" and rl_version.tags["sft.model_version"] == str(sft["model_version"])
     assert json.loads((repo / "models/text/scratch_ar/run.json").read_text())["model_version"] is None  # measured only
+    assert json.loads((repo / "models/text/rl_mdm/config.json").read_text())["moe"]["routed_experts"] == 4
     # The registered GRPO model answers like its folder: greedy completions, cut at the end of sequence.
     mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
     registered = mlflow.pyfunc.load_model(f"models:/ssl-pipeline-task-lm/{rl['model_version']}")
