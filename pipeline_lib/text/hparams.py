@@ -11,7 +11,7 @@ The laws were fitted on grid searches over budgets of about 1e17 to 2e19 FLOPs (
 applies them with this cap policy:
 
 - C within `FIT_RANGE`: the law's values.
-- C below the fitted range (the CPU default of params.yaml is about 4e12): the learning-rate law grows without
+- C below the fitted range (the CPU default of params.yaml is about 1.3e12): the learning-rate law grows without
   bound as C shrinks, so the learning rate is capped at the law's value at the bottom of the fitted range,
   η(1e17) ≈ 2.34e-3, never a larger learning rate than any fitted run used. The batch law's value is used: it
   only gets smaller below the range.
