@@ -58,27 +58,24 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+    """`tensor` reduced with `op` over all processes (a copy; the input is left alone)."""
+    out = tensor.clone()
+    if world_size() > 1:
+        dist.all_reduce(out, op=op)
+    return out
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean of `tensor` over all processes (a copy; the input is left alone)."""
-    if world_size() == 1:
-        return tensor.clone()
-    out = tensor.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / world_size()
+    return _all_reduce(tensor, dist.ReduceOp.SUM) / world_size()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum of `tensor` over all processes (a copy; the input is left alone)."""
-    if world_size() == 1:
-        return tensor.clone()
-    out = tensor.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
 
 
 def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
-    if world_size() == 1:
-        return tensor.clone()
-    out = tensor.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MIN)
-    return out
+    """Minimum of `tensor` over all processes (a copy; the input is left alone)."""
+    return _all_reduce(tensor, dist.ReduceOp.MIN)

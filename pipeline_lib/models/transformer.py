@@ -246,8 +246,9 @@ class TransformerLM(nn.Module):
         return self.num_params() - mlp + round(self.active_mlp_params() * self.n_layer)
 
     def architecture(self) -> dict[str, Any]:
-        """What rebuilds this model (with `TransformerLM(vocab_size, **rest)`), as JSON-ready values; `moe` is
-        the mixture-of-experts section or None."""
+        """The architecture as JSON-ready values, for a model folder's `config.json` (`text.lm.load_lm` rebuilds the
+        model from them and the objective, which sets `causal` and the MASK id); `moe` is the mixture-of-experts
+        section as a mapping, or None."""
         return {"vocab_size": self.vocab_size, "d_model": self.embed.weight.shape[1], "n_layer": self.n_layer,
                 "n_head": self.n_head, "max_len": self.max_len,
                 "moe": dataclasses.asdict(self.moe) if self.moe is not None else None}
