@@ -30,6 +30,7 @@ import re
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline_lib import dist
@@ -138,10 +139,9 @@ def sequence_balance_loss(scores: Tensor, chosen: Tensor) -> Tensor:
     Returns:
         A scalar tensor.
     """
-    B, T, E = scores.shape
+    _, T, E = scores.shape
     k = chosen.shape[-1]
-    picked = torch.zeros(B, E, device=scores.device).scatter_add_(
-        1, chosen.reshape(B, T * k), torch.ones(B, T * k, device=scores.device))  # (B, E) choices per sequence
+    picked = F.one_hot(chosen, E).sum(dim=(1, 2))  # (B, E) choices per sequence
     fraction = picked * E / (k * T)  # f_i
     probability = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, E): P_i
     return (fraction * probability).sum(dim=-1).mean()
@@ -154,7 +154,8 @@ class ExpertBalancer:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.layers = [(name, module) for name, module in model.named_modules() if isinstance(module, MoE)]
+        self.layers = [(metric_prefix(name), module) for name, module in model.named_modules()
+                       if isinstance(module, MoE)]
 
     def pop_balance_loss(self) -> Tensor | None:
         """The sum of the balance losses kept since the last call (None when there are none); clears them."""
@@ -171,24 +172,24 @@ class ExpertBalancer:
         max violation max(load) / mean(load) - 1 (`.max_violation`, 0 when balanced), and `moe.max_violation`,
         the largest over layers.
         """
+        counted = [(prefix, layer) for prefix, layer in self.layers if layer.load is not None]
+        if not counted:
+            return {}
+        # One collective for every layer: the whole step's counts, on every process.
+        loads = dist.all_reduce_sum(torch.cat([layer.load for _, layer in counted]))
         metrics: dict[str, Tensor] = {}
         violations = []
-        for name, layer in self.layers:
-            if layer.load is None:
-                continue
-            load = dist.all_reduce_sum(layer.load)  # (E,) the whole step's counts, on every process
+        for (prefix, layer), load in zip(counted, loads.split([layer.num_experts for _, layer in counted]),
+                                         strict=True):
             layer.load = None
             mean = load.mean()
-            step = layer.spec.bias_update_speed * torch.sign(mean - load)
-            layer.expert_bias.add_(step.to(layer.expert_bias.dtype))
+            layer.expert_bias.add_(layer.spec.bias_update_speed * torch.sign(mean - load))
             violation = load.max() / mean.clamp_min(1e-9) - 1
             violations.append(violation)
-            prefix = metric_prefix(name)
             share = load / load.sum().clamp_min(1e-9)
             metrics.update({f"{prefix}load.e{i}": value for i, value in enumerate(share)})
             metrics[f"{prefix}max_violation"] = violation
-        if violations:
-            metrics["moe.max_violation"] = torch.stack(violations).max()
+        metrics["moe.max_violation"] = torch.stack(violations).max()
         return metrics
 
 

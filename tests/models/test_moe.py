@@ -161,7 +161,7 @@ def test_dense_layers_stay_dense() -> None:
     spec = TextMoEParams(enabled=True, dense_layers=1)
     model = TransformerLM(10, d_model=D, n_layer=3, n_head=2, max_len=8, causal=True, moe=spec)
     assert [isinstance(block.mlp, MoE) for block in model.blocks] == [False, True, True]
-    assert [name for name, _ in ExpertBalancer(model).layers] == ["blocks.1.mlp", "blocks.2.mlp"]
+    assert [prefix for prefix, _ in ExpertBalancer(model).layers] == ["moe.layer1.", "moe.layer2."]
 
 
 # --- training through the base trainer -------------------------------------------------------
