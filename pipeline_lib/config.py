@@ -59,13 +59,22 @@ def _check(ok: bool, key: str, value: Any, rule: str) -> None:
 
 @dataclass(frozen=True)
 class TrackingParams:
-    """Where and under which names MLflow records runs and model versions."""
+    """Where and under which names MLflow records runs and model versions.
+
+    Every registered name holds one kind of model (track, role and, for language models, objective), so any
+    version of a name can stand in for any other and `@challenger` / `@champion` compare like with like:
+    `encoder_model` (the pretrain stage's encoder), `classifier_model` (the finetune stage's classifier and
+    its GRPO successor from rl), and per objective `<lm_model>-ar` / `<lm_model>-mdm` (text_pretrain) and
+    `<task_model>-ar` / `<task_model>-mdm` (text_sft and its GRPO successor from text_rl).
+    """
+
+    objectives: ClassVar[tuple[str, ...]] = ("ar", "mdm")
 
     experiment: str = "ssl-pipeline"
     encoder_model: str = "ssl-pipeline-encoder"
     classifier_model: str = "ssl-pipeline-classifier"
-    lm_model: str = "ssl-pipeline-lm"  # both text-track language models, each version tagged with its objective
-    task_model: str = "ssl-pipeline-task-lm"  # the finetuned and GRPO task models, tagged with objective and stage
+    lm_model: str = "ssl-pipeline-lm"  # prefix: the language models are <lm_model>-ar and <lm_model>-mdm
+    task_model: str = "ssl-pipeline-task-lm"  # prefix: the task models are <task_model>-ar and <task_model>-mdm
 
     def __post_init__(self) -> None:
         for name in ("experiment", "encoder_model", "classifier_model", "lm_model", "task_model"):
@@ -76,6 +85,27 @@ class TrackingParams:
                 value,
                 "must be a non-empty name of letters, digits, '.', '_' or '-'",
             )
+        seen: dict[str, str] = {}
+        for gate, name in self.registered_models().items():
+            key = f"{gate.split('_')[0]}_model"  # lm_ar -> lm_model
+            _check(name not in seen, f"tracking.{key}", getattr(self, key),
+                   f"gives the registered name {name!r}, as tracking.{seen.get(name)} does; each kind of model "
+                   "needs a name of its own")
+            seen[name] = key
+
+    def lm_name(self, objective: str) -> str:
+        """The registered name of the pretrained language models of one objective."""
+        return f"{self.lm_model}-{objective}"
+
+    def task_name(self, objective: str) -> str:
+        """The registered name of the task models (SFT, then GRPO) of one objective."""
+        return f"{self.task_model}-{objective}"
+
+    def registered_models(self) -> dict[str, str]:
+        """Every registered name, keyed as the promotion gates are: encoder, classifier, lm_ar, ..., task_mdm."""
+        return {"encoder": self.encoder_model, "classifier": self.classifier_model,
+                **{f"lm_{objective}": self.lm_name(objective) for objective in self.objectives},
+                **{f"task_{objective}": self.task_name(objective) for objective in self.objectives}}
 
 
 @dataclass(frozen=True)
@@ -413,30 +443,51 @@ class EvaluateParams:
                "must be > 0 (inverse L2 strength of the logistic-regression probe)")
 
 
-PromotedModel = Literal["classifier", "encoder"]
 MetricMode = Literal["max", "min"]
 
 
 @dataclass(frozen=True)
-class PromoteParams:
-    """The promotion gate (`python -m pipeline_lib.promote`): when a registered model's `challenger` becomes
-    its `champion`.
+class GateParams:
+    """One registered model's promotion gate: its challenger becomes its champion only if it beats the
+    champion on `metric` (read from the MLflow run that registered each version) by more than `min_delta`
+    in the direction `mode` (max: higher is better). Checked by `PromoteParams`, which knows the keys."""
 
-    `metric` is read from the MLflow run that registered each version; the challenger is promoted only if it
-    beats the champion by more than `min_delta` in the direction `mode` (max: higher is better).
+    metric: str = ""
+    mode: MetricMode = "max"
+    min_delta: float = 0.0
+
+
+@dataclass(frozen=True)
+class PromoteParams:
+    """The promotion gates (`python -m pipeline_lib.promote`): one optional gate per registered model, keyed
+    as `TrackingParams.registered_models` keys them. A null gate is not applied.
+
+    The vision gates read the metrics of the run that registered the version: `post_trained.*` (rl, on test)
+    or `test.*` (added to the finetune runs by evaluate). The text task gates read `test.accuracy` (exact
+    match), `test.format_rate`, `test.pass_at_<k>`, which text_task_evaluate adds to the text_sft and text_rl
+    runs; the language-model gates `validation.bits_per_character`, added by text_evaluate.
     """
 
-    model: PromotedModel = "classifier"
-    metric: str = "post_trained.reward_greedy"
-    mode: MetricMode = "max"
-    min_delta: float = 0.005
+    encoder: GateParams | None = None
+    classifier: GateParams | None = dataclasses.field(
+        default_factory=lambda: GateParams("post_trained.reward_greedy", "max", 0.005))
+    lm_ar: GateParams | None = None
+    lm_mdm: GateParams | None = None
+    task_ar: GateParams | None = dataclasses.field(default_factory=lambda: GateParams("test.accuracy", "max", 0.01))
+    task_mdm: GateParams | None = dataclasses.field(default_factory=lambda: GateParams("test.accuracy", "max", 0.01))
 
     def __post_init__(self) -> None:
-        _check(bool(_METRIC.fullmatch(self.metric)), "promote.metric", self.metric,
-               "must be the name of a metric logged by the run that registered the model, e.g. "
-               "post_trained.reward_greedy or test.top1")
-        _check(math.isfinite(self.min_delta) and self.min_delta >= 0, "promote.min_delta", self.min_delta,
-               "must be a finite number >= 0 (how much better the challenger must be)")
+        for model, gate in self.gates().items():
+            _check(bool(_METRIC.fullmatch(gate.metric)), f"promote.{model}.metric", gate.metric,
+                   "must be the name of a metric logged by the run that registered the model, e.g. "
+                   "post_trained.reward_greedy, test.top1 or test.accuracy")
+            _check(math.isfinite(gate.min_delta) and gate.min_delta >= 0, f"promote.{model}.min_delta",
+                   gate.min_delta, "must be a finite number >= 0 (how much better the challenger must be)")
+
+    def gates(self) -> dict[str, GateParams]:
+        """The declared gates, by model key (encoder, classifier, lm_ar, lm_mdm, task_ar, task_mdm)."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+                if getattr(self, field.name) is not None}
 
 
 RewardType = Literal["accuracy", "cost_matrix", "abstain"]
@@ -862,10 +913,78 @@ class Params:
 
     def __post_init__(self) -> None:
         _check(0 <= self.seed < 2**32, "seed", self.seed, "must be an integer in [0, 2**32)")
+        self._check_encoder_input()
+        self._check_mae_widths()
+
+    def _check_encoder_input(self) -> None:
+        """The custom ViT's patches must tile the images, where params alone say their size (`data_image_side`).
+
+        Only the case the params decide: `vit` at its data's size (`model.img_size` null; an `img_size` is
+        checked against `patch_size` by `ModelParams`, and compound scaling rounds the resolution to whole
+        patches). A timm model name, whose ViT-ness only timm knows, and an imagefolder of unknown size are
+        checked by the pretrain and finetune stages once the data is fetched
+        (`pipeline_lib.models.factory.check_encoder_input`), before their MLflow runs.
+        """
+        model, side = self.model, data_image_side(self.data)
+        if model.name == "vit" and model.img_size is None and model.compound_phi == 0 and side is not None:
+            assert model.patch_size is not None  # ModelParams requires it for vit
+            check_patch_size(model.patch_size, side, data_origin(self.data.source))
+
+    def _check_mae_widths(self) -> None:
+        """MAE's 2D sin-cos position embeddings split the encoder's and the decoder's width in four
+        (`pipeline_lib.models.mae.sincos_pos_embed`); compound scaling rounds a scaled `vit` width to a multiple
+        of 4 itself, and a timm ViT name keeps its own width."""
+        if self.pretrain.method != "mae":
+            return
+        for key, width in (("pretrain.decoder_embed_dim", self.pretrain.decoder_embed_dim),
+                           ("model.embed_dim", self.model.embed_dim)):
+            if key == "model.embed_dim" and (self.model.name != "vit" or self.model.compound_phi != 0):
+                continue
+            _check(width % 4 == 0, key, width, "must be a multiple of 4 with pretrain.method='mae' (its 2D sin-cos "
+                   "position embedding splits the width into four parts)")
+
+
+# Side of the square images each source prepares (`pipeline_lib.data.sources`); imagefolder: `data.image_size`.
+IMAGE_SIDES: dict[str, int] = {"digits": 8, "cifar10": 32, "stl10": 96}
+
+
+def data_image_side(data: DataParams) -> int | None:
+    """Side of the prepared images as params alone say it; None where only the fetched data knows (an
+    imagefolder without `data.image_size` keeps its images' own size)."""
+    return IMAGE_SIDES.get(data.source, data.image_size)
+
+
+def data_origin(source: str) -> str:
+    """How an error names where the image size comes from."""
+    return f"data.source {source!r}" + (" resized by data.image_size" if source == "imagefolder" else "")
+
+
+def check_patch_size(patch_size: int | None, side: int, origin: str, *, own_patch: int | None = None) -> None:
+    """A ViT cuts its input of side `side` into whole patches: refuse a patch side that does not divide it.
+
+    Args:
+        patch_size: `model.patch_size` (None: a timm ViT keeps its own, `own_patch`).
+        side: the input side the encoder is built for.
+        origin: where `side` comes from, for the message (`data.source 'digits'`, `model.img_size`).
+        own_patch: the timm model's own patch side, used when `patch_size` is None.
+
+    Raises:
+        ConfigError: naming `model.patch_size`, the sides accepted, and the other way out (`model.img_size`).
+    """
+    patch = own_patch if patch_size is None else patch_size
+    assert patch is not None, "a null model.patch_size needs the timm model's own patch size"
+    if side % patch:
+        accepted = ", ".join(str(divisor) for divisor in range(1, side + 1) if side % divisor == 0)
+        kept = "" if patch_size is not None else f"(null: the timm model's own patch size {patch}) "
+        _fail("model.patch_size", patch_size, f"{kept}must divide the image size {side} of {origin} "
+              f"(accepted: {accepted}); or set model.img_size to a multiple of {patch}")
 
 
 def load_params(path: str | Path, overrides: Sequence[str] = ()) -> Params:
     """Read and validate a params file; raise `ConfigError` naming the first bad key.
+
+    An empty file is refused: it is far more likely a truncated or wrong file than a wish for defaults, and
+    `dvc repro` needs every key a stage declares anyway. A key or section left out takes its default.
 
     `overrides` are `section.key=value` assignments applied first, as `dvc exp run -S` applies them (the
     value parsed as YAML), for tools that try params without editing the file.
@@ -877,15 +996,19 @@ def load_params(path: str | Path, overrides: Sequence[str] = ()) -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    raw = {} if raw is None else raw  # an empty file means all defaults
+    if raw is None or raw == {}:
+        raise ConfigError(f"{path}: the params file is empty; every stage reads its keys from it (DVC tracks them "
+                          "key by key), so start from the project's params.yaml, which lists every key")
     for assignment in overrides:
         key, equals, value = assignment.partition("=")
         if not equals or not key:
             raise ConfigError(f"{assignment!r}: an override is section.key=value")
         *sections, name = key.split(".")
         target = raw
-        for section in sections:
-            target = target.setdefault(section, {})
+        for section in sections:  # a section that is null (a gate not declared) becomes a mapping
+            if not isinstance(target.get(section), dict):
+                target[section] = {}
+            target = target[section]
         target[name] = yaml.safe_load(value)
     return params_from_dict(raw)
 

@@ -1,17 +1,20 @@
-"""The promotion gate from the command line: move `champion` to the `challenger` only if it scores better.
+"""The promotion gates from the command line: move each model's `champion` to its `challenger` only if it
+scores better.
 
-Usage: python -m pipeline_lib.promote [--params params.yaml] [-S promote.min_delta=0.01] [--summary FILE]
-           [--report FILE] [--exit-code]
+Usage: python -m pipeline_lib.promote [--params params.yaml] [--model task_ar ...]
+           [-S promote.classifier.min_delta=0.01] [--summary FILE] [--report FILE] [--exit-code]
 
-Which registered model, which metric, its direction and the minimum improvement come from the `promote`
-section of params.yaml (`-S` overrides a key for this call); the tracking store is the pipeline's
-(`MLFLOW_TRACKING_URI`, else the project's mlflow.db). The decision and the numbers are printed, appended as
-markdown to `--summary` (a CI job summary) and written as JSON to `--report`.
+The `promote` section of params.yaml declares one gate per registered model (classifier, task_ar, ...: which
+metric, its direction, the minimum improvement); `-S` overrides a key for this call, and `--model` picks gates
+(default: every declared one). The tracking store is the pipeline's (`MLFLOW_TRACKING_URI`, else the project's
+mlflow.db). Each decision and its numbers are printed, appended as markdown to `--summary` (a CI job summary)
+and written as JSON to `--report`. A gate that cannot decide does not stop the others.
 
 Exit status:
-    0  decided: promoted, kept or unchanged (the challenger already is the champion)
-    1  the champion was kept, only with --exit-code (as `git diff --exit-code` reports a difference)
-    2  bad input: an invalid params key, no challenger, or a version whose run lacks the metric
+    0  decided: promoted, kept or unchanged (the challenger already is the champion), every gate
+    1  a champion was kept, only with --exit-code (as `git diff --exit-code` reports a difference)
+    2  bad input: an invalid params key, an undeclared --model, no challenger, or a version whose run lacks
+       the metric
     3  the tracking store is unreachable or refuses requests
 """
 
@@ -30,8 +33,23 @@ from pipeline_lib.tracking import TrackingUnavailable, check_tracking_store, red
 EXIT_DECIDED, EXIT_KEPT, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 
-def run_gate(params: Params) -> Decision:
-    """Apply the gate the `promote` section declares to the pipeline's tracking store.
+def declared_gates(params: Params, models: Sequence[str] = ()) -> dict[str, str]:
+    """Gate key -> registered name, for `models` (default: every gate the promote section declares).
+
+    Raises:
+        ConfigError: a model has no declared gate.
+    """
+    gates = params.promote.gates()
+    for model in models:
+        if model not in gates:
+            raise ConfigError(f"--model {model}: no gate promote.{model} is declared in the params; declared: "
+                              f"{', '.join(gates) or 'none'}")
+    names = params.tracking.registered_models()
+    return {model: names[model] for model in (models or gates)}
+
+
+def run_gate(params: Params, model: str) -> Decision:
+    """Apply the gate `promote.<model>` to its registered model in the pipeline's tracking store.
 
     Raises:
         TrackingUnavailable: the tracking server is down or refuses requests.
@@ -41,9 +59,21 @@ def run_gate(params: Params) -> Decision:
 
     uri = tracking_uri()
     check_tracking_store(uri)
-    gate = params.promote
-    name = getattr(params.tracking, f"{gate.model}_model")
+    gate = params.promote.gates()[model]
+    name = params.tracking.registered_models()[model]
     return promote(mlflow.MlflowClient(uri), name, metric=gate.metric, mode=gate.mode, min_delta=gate.min_delta)
+
+
+def run_gates(params: Params, models: Sequence[str] = ()) -> tuple[list[Decision], list[str]]:
+    """Every requested gate (see `declared_gates`): the decisions, and a line for each gate that could not
+    decide. A `TrackingUnavailable` stops them all."""
+    decisions, errors = [], []
+    for model, name in declared_gates(params, models).items():
+        try:
+            decisions.append(run_gate(params, model))
+        except PromotionError as err:
+            errors.append(f"promote.{model} ({name}): {err}")
+    return decisions, errors
 
 
 def decision_markdown(decision: Decision) -> str:
@@ -75,25 +105,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      epilog="exit status: 0 decided, 1 kept (with --exit-code), 2 bad input, "
                                             "3 tracking store unreachable")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--model", action="append", default=[], metavar="GATE",
+                        help="a gate of the promote section (classifier, task_ar, ...); repeat for several; "
+                             "default: every declared gate")
     parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a params key for this call, as `dvc exp run -S` does")
-    parser.add_argument("--summary", type=Path, help="append the decision as markdown (e.g. $GITHUB_STEP_SUMMARY)")
-    parser.add_argument("--report", type=Path, help="write the decision as JSON")
-    parser.add_argument("--exit-code", action="store_true", help="exit 1 when the champion is kept")
+    parser.add_argument("--summary", type=Path, help="append the decisions as markdown (e.g. $GITHUB_STEP_SUMMARY)")
+    parser.add_argument("--report", type=Path, help="write the decisions as JSON")
+    parser.add_argument("--exit-code", action="store_true", help="exit 1 when a champion is kept")
     args = parser.parse_args(argv)
     try:
-        decision = run_gate(load_params(args.params, args.overrides))
-    except (ConfigError, PromotionError) as err:
+        decisions, errors = run_gates(load_params(args.params, args.overrides), args.model)
+    except ConfigError as err:
         print(f"promote: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except TrackingUnavailable as err:
         print(f"promote: {err}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    print(f"promote: {decision.summary()} [{redacted(tracking_uri())}]")
-    append_text(args.summary, decision_markdown(decision))
+    for decision in decisions:
+        print(f"promote: {decision.summary()} [{redacted(tracking_uri())}]")
+        append_text(args.summary, decision_markdown(decision))
+    for error in errors:
+        print(f"promote: {error}", file=sys.stderr)
+        append_text(args.summary, f"### Promotion gate\n\n**not decided**: {error}\n")
     if args.report is not None:
-        args.report.write_text(json.dumps(decision.as_dict(), indent=2) + "\n")
-    return EXIT_KEPT if args.exit_code and decision.action == "kept" else EXIT_DECIDED
+        args.report.write_text(json.dumps({"decisions": [d.as_dict() for d in decisions], "errors": errors},
+                                          indent=2) + "\n")
+    if errors:
+        return EXIT_BAD_INPUT
+    return EXIT_KEPT if args.exit_code and any(d.action == "kept" for d in decisions) else EXIT_DECIDED
 
 
 if __name__ == "__main__":

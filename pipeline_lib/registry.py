@@ -1,7 +1,13 @@
-"""Model versions in the MLflow registry: log a pyfunc model, register it, tag its lineage, set aliases.
+"""Model versions in the MLflow registry: log a pyfunc model, register it, tag and describe it, set aliases.
 
-Aliases, not the deprecated stages: `challenger` marks the newest candidate; `champion` is moved only by the
-promotion gate.
+One kind of model per registered name: every version carries the tags `track`, `role` and (for language
+models) `objective` of its `ModelKind`, and a name whose versions are of another kind is refused, so any version
+of a name can stand in for any other and `challenger` / `champion` compare like with like. Aliases, not the
+deprecated stages: `challenger` marks the newest candidate; `champion` is moved only by the promotion gate.
+
+Descriptions make the registry pages explain themselves: the registered model says what it holds, which stage
+registers it and how to load it; each version gives its headline metric and the version it started from
+(the evaluation stages replace the headline with their test figures through `annotate`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,53 @@ import pipeline_lib
 
 CHALLENGER = "challenger"
 REQUIREMENTS = ["torch", "torchvision", "timm", "numpy", "safetensors", "tokenizers", "mlflow"]
+FRESH_WEIGHTS = "fresh weights (no registered model)"
+ALIASES = ("Alias `challenger` is the newest version; `champion` is moved only by the promotion gate "
+           "(`python -m pipeline_lib.promote`), when a challenger beats it on the gate's declared metric.")
+
+
+class RegistryError(ValueError):
+    """A registered name already holds versions of another kind of model."""
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What every version of one registered name is: the track, the role and, for language models, the objective."""
+
+    track: str
+    role: str
+    objective: str | None = None
+
+    def tags(self) -> dict[str, str]:
+        """The version tags that say what the model is."""
+        return {"track": self.track, "role": self.role, **({"objective": self.objective} if self.objective else {})}
+
+    def __str__(self) -> str:
+        return " ".join(f"{key}={value}" for key, value in self.tags().items())
+
+
+def check_kind(client: Any, name: str, kind: ModelKind) -> None:
+    """Raise `RegistryError` if the newest version of `name` is tagged as another kind of model (untagged
+    versions, registered before the tags existed, are accepted)."""
+    newest = client.search_model_versions(f"name = '{name}'", max_results=1, order_by=["version_number DESC"])
+    if not newest:
+        return
+    version = newest[0]
+    clash = {key: version.tags[key] for key, value in kind.tags().items() if version.tags.get(key, value) != value}
+    if clash:
+        held = " ".join(f"{key}={value}" for key, value in clash.items())
+        raise RegistryError(f"registered model {name!r} holds {held} models (v{version.version}), not {kind}; give "
+                            "this kind of model a name of its own in the tracking section of params.yaml")
+
+
+def version_description(headline: str, started_from: str) -> str:
+    """A version's description: its headline metric, then the model it started from."""
+    return f"{headline}\n\nStarted from: {started_from}."
+
+
+def model_uri(name: str | None, version: int | str | None) -> str | None:
+    """`models:/<name>/<version>`, or None when either is unknown."""
+    return f"models:/{name}/{version}" if name and version not in (None, "None") else None
 
 
 def register_model(
@@ -23,20 +76,35 @@ def register_model(
     model_dir: Path,
     *,
     name: str,
+    kind: ModelKind,
     artifact_name: str,
     input_example: Any,
     tags: Mapping[str, str],
+    description: str,
+    headline: str,
+    started_from: str | None = None,
     alias: str | None = CHALLENGER,
     inference_params: Mapping[str, Any] | None = None,
 ) -> int:
-    """Log `model_dir` as a pyfunc model in the active run, register it under `name`, tag it; return the version.
+    """Log `model_dir` as a pyfunc model in the active run, register it under `name`, tag and describe it;
+    return the version.
+
+    Args:
+        python_model: the pyfunc wrapper; it is loaded and run on `input_example` before anything is logged.
+        kind: what the model is; refused (`RegistryError`) when `name` holds another kind.
+        tags: lineage tags (the run's); the kind's tags and `started_from` are added.
+        description: the registered model's description (what it holds, which stage registers it, how to load).
+        headline: the version's headline metric, the first line of its description.
+        started_from: the model URI this version was trained from (None: fresh weights).
+        inference_params: name -> default; they become the signature's params, which `predict` callers may set.
 
     The library itself is packed with the model (`code_paths`), so the version loads without this checkout.
-    `inference_params` (name -> default) become the signature's params, which `predict` callers may set.
     """
     import mlflow
     from mlflow.models import infer_signature
 
+    client = mlflow.MlflowClient()
+    check_kind(client, name, kind)
     python_model.load_context(_Context(model_dir))
     output = python_model.predict(None, input_example, dict(inference_params or {}))
     info = mlflow.pyfunc.log_model(
@@ -49,13 +117,41 @@ def register_model(
         pip_requirements=REQUIREMENTS,
         registered_model_name=name,
     )
-    version = int(info.registered_model_version)
-    client = mlflow.MlflowClient()
-    for key, value in tags.items():
-        client.set_model_version_tag(name, str(version), key, str(value))
+    version = str(info.registered_model_version)
+    origin = started_from or FRESH_WEIGHTS
+    for key, value in {**tags, **kind.tags(), "started_from": origin}.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    client.update_registered_model(name, description=description)
+    client.update_model_version(name, version, description=version_description(headline, origin))
     if alias is not None:
-        client.set_registered_model_alias(name, alias, str(version))
-    return version
+        client.set_registered_model_alias(name, alias, version)
+    return int(version)
+
+
+def annotate(record: Mapping[str, Any], metrics: Mapping[str, float], *, headline: str | None = None,
+             figures: Mapping[str, Any] | None = None) -> bool:
+    """Add an evaluation's figures to the finished run in `record` (a model folder's run.json) and, when that
+    run registered a version and `headline` is given, make `headline` the version's description headline.
+
+    Returns False (and changes nothing) when the run lives in another tracking store than the active one.
+    """
+    import mlflow
+
+    from pipeline_lib.tracking import MlflowTracker
+
+    if not record.get("run_id") or record.get("tracking_uri") != mlflow.get_tracking_uri():
+        return False
+    run = MlflowTracker(record["run_id"])
+    run.log_metrics(metrics)
+    run.flush()
+    for artifact, figure in (figures or {}).items():
+        run.log_figure(figure, artifact)
+    name, version = record.get("model_name"), record.get("model_version")
+    if headline is not None and model_uri(name, version):
+        client = mlflow.MlflowClient()
+        origin = client.get_model_version(name, str(version)).tags.get("started_from", FRESH_WEIGHTS)
+        client.update_model_version(name, str(version), description=version_description(headline, origin))
+    return True
 
 
 class _Context:
@@ -195,7 +291,7 @@ def _metric(client: Any, version: Any, metric: str, *, required: bool = False) -
     value = client.get_run(version.run_id).data.metrics.get(metric) if version.run_id else None
     if value is None and required:
         raise PromotionError(
-            f"{version.name} v{version.version}: its run {version.run_id} has no metric {metric!r}; set "
-            "promote.metric to a metric that run logs (the rl stage logs post_trained.*, evaluate adds test.* "
-            "to the finetune runs)")
+            f"{version.name} v{version.version}: its run {version.run_id} has no metric {metric!r}; set the gate's "
+            "metric to one that run logs (rl logs post_trained.*, evaluate adds test.* to the finetune runs, "
+            "text_task_evaluate test.* to the text_sft and text_rl runs, text_evaluate validation.* to text_pretrain)")
     return value

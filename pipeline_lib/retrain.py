@@ -8,8 +8,8 @@ Steps, each stopping the command when it fails:
   2. `dvc exp run [-S key=value ...]`: reruns exactly the stages whose deps or params changed (the overrides
      are written to params.yaml, as `dvc exp run -S` does, and every MLflow run is tagged with the experiment);
   3. `dvc params diff` and `dvc metrics diff` against `--base` (default HEAD: the committed params and metrics);
-  4. the promotion gate (`python -m pipeline_lib.promote`), unless `--no-promote` (the workflow promotes in a
-     separate job).
+  4. the promotion gates (`python -m pipeline_lib.promote`: every gate the promote section declares), unless
+     `--no-promote` (the workflow promotes in a separate job).
 The report (diffs, gate decision, wall times) is printed, written to `--report` and appended to `--summary`.
 
 Exit status: 0 done, 1 the pipeline or a diff failed, 2 bad input (params, overrides, gate input), 3 the
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline_lib.config import ConfigError, load_params
-from pipeline_lib.promote import EXIT_BAD_INPUT, EXIT_UNREACHABLE, append_text, decision_markdown, run_gate
+from pipeline_lib.promote import EXIT_BAD_INPUT, EXIT_UNREACHABLE, append_text, decision_markdown, run_gates
 from pipeline_lib.registry import PromotionError
 from pipeline_lib.tracking import TrackingUnavailable, check_tracking_store, project_root, tracking_uri
 
@@ -61,7 +61,10 @@ def retrain(overrides: Sequence[str], base: str, *, gate: bool) -> str:
                 "### Params changed", "", _table_or(params_diff, "No params changed."), "",
                 "### Metrics changed", "", _table_or(metrics_diff, "No metrics changed."), ""]
     if gate:
-        sections.append(decision_markdown(run_gate(load_params("params.yaml"))))
+        decisions, errors = run_gates(load_params("params.yaml"))
+        sections += [decision_markdown(decision) for decision in decisions]
+        if errors:
+            raise PromotionError("; ".join(errors))
     sections.append(f"Wall time {time.perf_counter() - started:.0f} s.")
     return "\n".join(sections) + "\n"
 

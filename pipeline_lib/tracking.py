@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from pipeline_lib.config import Params, params_hash
 
@@ -205,19 +206,80 @@ def _param_text(value: Any) -> str:
 
 
 def git_state(root: Path) -> dict[str, str]:
-    """Commit and dirty flag of the repository at `root` ("unknown" outside git)."""
+    """Commit and dirty flag of the repository at `root` ("unknown" outside git).
+
+    `git.dirty` is "true" exactly when the tracked source differs from the commit: a tracked file changed,
+    other than what DVC writes while the pipeline runs (`dvc.lock`, the outs it records there, such as committed
+    metrics and plots, and the `.gitignore` files it keeps for its outs). So every stage of a `dvc repro` on a
+    clean checkout is clean, and a `dvc exp run -S ...` (which edits params.yaml) is dirty. When dirty,
+    `git.dirty_paths` names the changed files (the first 20, relative to `root`).
+    """
     def git(*args: str) -> str | None:
         try:
             done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.TimeoutExpired):
             return None
-        return done.stdout.strip() if done.returncode == 0 else None
+        return done.stdout if done.returncode == 0 else None
 
-    commit = git("rev-parse", "HEAD")
-    if commit is None:
+    commit, top = git("rev-parse", "HEAD"), git("rev-parse", "--show-toplevel")
+    if commit is None or top is None:
         return {"git.commit": "unknown", "git.dirty": "unknown"}
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {"git.commit": commit, "git.dirty": "unknown" if dirty is None else str(bool(dirty)).lower()}
+    status = git("status", "--porcelain", "-z", "--untracked-files=no")
+    if status is None:
+        return {"git.commit": commit.strip(), "git.dirty": "unknown"}
+    written = dvc_written(root, committed_lock=git("show", "HEAD:./dvc.lock"))
+    changed = [path for path in _status_paths(status, Path(top.strip())) if not _under(path, written)]
+    tags = {"git.commit": commit.strip(), "git.dirty": str(bool(changed)).lower()}
+    if changed:
+        tags["git.dirty_paths"] = ", ".join(_relative(path, root) for path in changed[:20])
+    return tags
+
+
+def dvc_written(root: Path, committed_lock: str | None = None) -> set[Path]:
+    """What DVC writes as the pipeline runs: `dvc.lock` and every out it records there, in the working copy's
+    lock and in the committed one (`committed_lock`, its text), as absolute paths."""
+    root = Path(root).resolve()
+    written = {root / "dvc.lock"}
+    texts = [committed_lock] if committed_lock else []
+    if (root / "dvc.lock").is_file():
+        texts.append((root / "dvc.lock").read_text())
+    for text in texts:
+        try:
+            stages = (yaml.safe_load(text) or {}).get("stages", {})
+        except yaml.YAMLError:
+            continue
+        for stage in stages.values() if isinstance(stages, dict) else ():
+            for out in stage.get("outs", []) if isinstance(stage, dict) else ():
+                if isinstance(out, dict) and isinstance(out.get("path"), str):
+                    written.add((root / out["path"]).resolve())
+    return written
+
+
+def _status_paths(status: str, top: Path) -> list[Path]:
+    """The paths of `git status --porcelain -z` (both sides of a rename or copy), absolute."""
+    entries, paths = status.split("\0"), []
+    index = 0
+    while index < len(entries):
+        entry = entries[index]
+        if entry:
+            paths.append((top / entry[3:]).resolve())
+            if entry[0] in "RC":  # the next entry is the path it was renamed or copied from
+                index += 1
+                paths.append((top / entries[index]).resolve())
+        index += 1
+    return paths
+
+
+def _under(path: Path, written: set[Path]) -> bool:
+    """Whether DVC wrote `path`: it is one of `written`, inside one of them, or a `.gitignore` DVC keeps."""
+    return path.name == ".gitignore" or any(path == out or out in path.parents for out in written)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)
 
 
 def lineage_tags(

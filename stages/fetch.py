@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline_lib.config import ConfigError, flatten, load_params
 from pipeline_lib.data.download import DataError
-from pipeline_lib.data.prepare import prepare_dataset
+from pipeline_lib.data.prepare import check_inputs, prepare_dataset
 from pipeline_lib.data.summary import log_prepared
 from pipeline_lib.tracking import TrackingUnavailable, stage_run, write_run_record
 
@@ -24,6 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         params = load_params(args.params)  # every params error surfaces here, before any work
+        check_inputs(params.data)  # ... and the data location, before any MLflow run
         logged = {"seed": params.seed, **flatten(params.data, prefix="data.")}
         with stage_run("fetch", params, logged) as run:
             metas = prepare_dataset(params.data, params.seed, args.out, args.cache_dir)

@@ -20,7 +20,14 @@ from pipeline_lib.data.download import DataError
 from pipeline_lib.data.store import prepared_digest
 from pipeline_lib.tracking import Tracker, TrackingUnavailable, read_run_record, stage_run
 from pipeline_lib.trainers.base import NonFiniteLossError, read_checkpoint
-from pipeline_lib.trainers.finetune import FinetunePaths, encoder_digest, fingerprint, logged_params, run_finetune
+from pipeline_lib.trainers.finetune import (
+    FinetunePaths,
+    check_inputs,
+    encoder_digest,
+    fingerprint,
+    logged_params,
+    run_finetune,
+)
 
 
 def main() -> None:
@@ -37,6 +44,7 @@ def main() -> None:
         params = load_params(args.params)  # every params error surfaces here, before any work
         device = dist.resolve_device(params.device)
         dist.init_distributed(device)
+        check_inputs(params, paths)  # params the data and the encoder decide: before any work and any MLflow run
         previous = read_checkpoint(paths.checkpoints / "last.pt", fingerprint(params, paths))
         upstream = {"fetch": read_run_record(paths.data).get("run_id", "unknown")}
         inputs = {"data": prepared_digest(paths.data)}

@@ -18,7 +18,7 @@ from pipeline_lib.data.download import DataError
 from pipeline_lib.data.store import prepared_digest
 from pipeline_lib.tracking import Tracker, TrackingUnavailable, read_run_record, stage_run
 from pipeline_lib.trainers.base import NonFiniteLossError, read_checkpoint
-from pipeline_lib.trainers.pretrain import PretrainPaths, fingerprint, logged_params, run_pretrain
+from pipeline_lib.trainers.pretrain import PretrainPaths, check_inputs, fingerprint, logged_params, run_pretrain
 
 
 def main() -> None:
@@ -32,6 +32,7 @@ def main() -> None:
         params = load_params(args.params)  # every params error surfaces here, before any work
         device = dist.resolve_device(params.device)
         dist.init_distributed(device)
+        check_inputs(params, paths)  # params the data decides: before any work and any MLflow run
         previous = read_checkpoint(paths.checkpoints / "last.pt", fingerprint(params, paths.data))
         tracking = nullcontext(Tracker()) if not dist.is_main() else stage_run(
             "pretrain", params, logged_params(params), inputs={"data": prepared_digest(paths.data)},

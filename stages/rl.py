@@ -17,7 +17,7 @@ from pipeline_lib import dist
 from pipeline_lib.config import ConfigError, load_params
 from pipeline_lib.data.download import DataError
 from pipeline_lib.data.store import prepared_digest
-from pipeline_lib.rl.post_train import RLPaths, fingerprint, logged_params, run_rl
+from pipeline_lib.rl.post_train import RLPaths, check_inputs, fingerprint, logged_params, run_rl
 from pipeline_lib.tracking import Tracker, TrackingUnavailable, read_run_record, stage_run
 from pipeline_lib.trainers.base import NonFiniteLossError, read_checkpoint
 from pipeline_lib.trainers.finetune import encoder_digest
@@ -34,6 +34,7 @@ def main() -> None:
         params = load_params(args.params)  # every params error surfaces here, before any work
         device = dist.resolve_device(params.device)
         dist.init_distributed(device)
+        check_inputs(params, paths)  # params the data and the classifier decide: before any work and any MLflow run
         previous = read_checkpoint(paths.checkpoints / "grpo" / "last.pt", fingerprint(params, paths))
         record = read_run_record(paths.classifier)
         tracking = nullcontext(Tracker()) if not dist.is_main() else stage_run(

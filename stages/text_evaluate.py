@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline_lib.config import ConfigError, flatten, load_params
 from pipeline_lib.data.download import DataError
 from pipeline_lib.text.corpus import read_text_meta
-from pipeline_lib.text.evaluate import run_text_evaluate
+from pipeline_lib.text.evaluate import check_inputs, run_text_evaluate
 from pipeline_lib.tracking import TrackingUnavailable, read_run_record, stage_run, write_json_atomic
 
 
@@ -32,6 +32,7 @@ def main() -> None:
         if not models or not all(models) or Path() in models.values():
             raise ValueError(f"--model {args.model}: give one or more NAME=FOLDER")
         params = load_params(args.params)
+        check_inputs(params, args.data, models)  # params the text and the models decide, before any MLflow run
         upstream = {f"text_pretrain_{name}": read_run_record(folder).get("run_id", "unknown")
                     for name, folder in models.items()}
         with stage_run("text_evaluate", params, flatten(params.text_evaluate, prefix="text_evaluate."),

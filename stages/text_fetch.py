@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline_lib.config import ConfigError, flatten, load_params
 from pipeline_lib.data.download import DataError
-from pipeline_lib.text.corpus import prepare_text
+from pipeline_lib.text.corpus import check_inputs, prepare_text
 from pipeline_lib.tracking import TrackingUnavailable, stage_run, write_run_record
 
 
@@ -24,6 +24,7 @@ def main() -> None:
     try:
         params = load_params(args.params)  # every params error surfaces here, before any work
         cfg = params.text_data
+        check_inputs(cfg)  # the corpus location, before any work and any MLflow run
         with stage_run("text_fetch", params, flatten(cfg, prefix="text_data.")) as run:
             meta = prepare_text(cfg.source, url=cfg.url, sha256=cfg.sha256, path=cfg.path,
                                 val_fraction=cfg.val_fraction, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size,

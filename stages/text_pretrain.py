@@ -17,7 +17,7 @@ from pipeline_lib import dist
 from pipeline_lib.config import ConfigError, load_params
 from pipeline_lib.data.download import DataError
 from pipeline_lib.text.corpus import read_text_meta
-from pipeline_lib.text.lm import OBJECTIVES, LMPaths, fingerprint, logged_params, run_text_pretrain
+from pipeline_lib.text.lm import OBJECTIVES, LMPaths, check_inputs, fingerprint, logged_params, run_text_pretrain
 from pipeline_lib.tracking import Tracker, TrackingUnavailable, read_run_record, stage_run
 from pipeline_lib.trainers.base import CHECKPOINT_NAME, NonFiniteLossError, read_checkpoint
 
@@ -35,6 +35,7 @@ def main() -> None:
         params = load_params(args.params)  # every params error surfaces here, before any work
         device = dist.resolve_device(params.device)
         dist.init_distributed(device)
+        check_inputs(params, paths)  # params the prepared text decides: before any work and any MLflow run
         previous = read_checkpoint(paths.checkpoints / CHECKPOINT_NAME, fingerprint(params, paths, args.objective))
         tracking = nullcontext(Tracker()) if not dist.is_main() else stage_run(
             name, params, logged_params(params, args.objective),

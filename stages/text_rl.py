@@ -18,7 +18,7 @@ from pipeline_lib import dist
 from pipeline_lib.config import ConfigError, load_params
 from pipeline_lib.data.download import DataError
 from pipeline_lib.text.finetune import weights_digest
-from pipeline_lib.text.grpo import RLPaths, fingerprint, logged_params, run_text_rl
+from pipeline_lib.text.grpo import RLPaths, check_inputs, fingerprint, logged_params, run_text_rl
 from pipeline_lib.text.lm import OBJECTIVES
 from pipeline_lib.text.task_data import task_digest
 from pipeline_lib.tracking import Tracker, TrackingUnavailable, read_run_record, stage_run
@@ -38,6 +38,7 @@ def main() -> None:
         params = load_params(args.params)  # every params error surfaces here, before any work
         device = dist.resolve_device(params.device)
         dist.init_distributed(device)
+        check_inputs(params, paths, args.objective)  # params the task decides: before any work and any MLflow run
         previous = read_checkpoint(paths.checkpoints / CHECKPOINT_NAME, fingerprint(params, paths, args.objective))
         record = read_run_record(paths.sft)
         tracking = nullcontext(Tracker()) if not dist.is_main() else stage_run(

@@ -17,7 +17,14 @@ from pathlib import Path
 from pipeline_lib import dist
 from pipeline_lib.config import ConfigError, load_params
 from pipeline_lib.data.download import DataError
-from pipeline_lib.text.finetune import SFTPaths, fingerprint, logged_params, run_text_sft, weights_digest
+from pipeline_lib.text.finetune import (
+    SFTPaths,
+    check_inputs,
+    fingerprint,
+    logged_params,
+    run_text_sft,
+    weights_digest,
+)
 from pipeline_lib.text.lm import OBJECTIVES
 from pipeline_lib.text.task_data import task_digest
 from pipeline_lib.tracking import Tracker, TrackingUnavailable, read_run_record, stage_run
@@ -39,6 +46,7 @@ def main() -> None:
         params = load_params(args.params)  # every params error surfaces here, before any work
         device = dist.resolve_device(params.device)
         dist.init_distributed(device)
+        check_inputs(params, paths, args.objective)  # params the task decides: before any work and any MLflow run
         previous = read_checkpoint(paths.checkpoints / CHECKPOINT_NAME, fingerprint(params, paths, args.objective))
         record = read_run_record(paths.pretrained) if paths.pretrained else {}
         upstream = {"text_task": read_run_record(paths.task).get("run_id", "unknown")}

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from pipeline_lib.config import ConfigError, flatten, load_params
-from pipeline_lib.text.task_data import META_FILE, prepare_task
+from pipeline_lib.text.task_data import META_FILE, check_inputs, prepare_task
 from pipeline_lib.tracking import TrackingUnavailable, stage_run, write_run_record
 
 
@@ -22,6 +22,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         params = load_params(args.params)  # every params error surfaces here, before any work
+        check_inputs(params)  # the task's size and files, before any MLflow run
         with stage_run("text_task", params, {"seed": params.seed, **flatten(params.text_task, "text_task.")}) as run:
             meta = prepare_task(params, args.out)
             run.log_metrics({f"{split}.examples": n for split, n in meta["sizes"].items()})

@@ -217,10 +217,18 @@ def test_invalid_yaml(tmp_path: Path) -> None:
     assert str(info.value).startswith(str(path))
 
 
-@pytest.mark.parametrize("text", ["", "# only a comment\n"])
-def test_empty_file_gives_defaults(tmp_path: Path, text: str) -> None:
-    """An empty document means all defaults."""
-    assert load_params(_write(tmp_path, text)) == Params()
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n"])
+def test_empty_file_is_refused(tmp_path: Path, text: str) -> None:
+    """An empty document is a truncated or wrong file far more often than a wish for defaults; DVC needs every
+    key a stage declares anyway."""
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match="the params file is empty") as info:
+        load_params(path)
+    assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+
+
+def test_a_missing_section_takes_its_defaults(tmp_path: Path) -> None:
+    assert load_params(_write(tmp_path, "seed: 0\n")) == Params()
 
 
 @pytest.mark.parametrize("text", ["data:\n", "data: null\ntracking:\n"])
@@ -355,3 +363,53 @@ def test_edge_cases_raise_config_error(tmp_path: Path, yaml_text: str, expected:
         load_params(_write(tmp_path, yaml_text))
     for text in expected:
         assert text in str(caught.value)
+
+
+def test_patch_size_that_does_not_divide_the_digits_is_refused_at_load(tmp_path: Path) -> None:
+    """The 8x8 digits are known from params alone: patch 3 is refused by load_params, so by every stage."""
+    with pytest.raises(ConfigError) as caught:
+        load_params(_write(tmp_path, "model:\n  patch_size: 3\n"))
+    assert str(caught.value) == ("model.patch_size=3: must divide the image size 8 of data.source 'digits' "
+                                 "(accepted: 1, 2, 4, 8); or set model.img_size to a multiple of 3")
+
+
+@pytest.mark.parametrize(("data", "patch_size", "side", "accepted"), [
+    ({"source": "cifar10"}, 3, 32, "1, 2, 4, 8, 16, 32"),
+    ({"source": "stl10"}, 5, 96, "1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 96"),
+    ({"source": "imagefolder", "path": "data/raw/imgs", "image_size": 30}, 4, 30, "1, 2, 3, 5, 6, 10, 15, 30"),
+])
+def test_patch_size_is_checked_against_each_source_side(data: dict, patch_size: int, side: int,
+                                                         accepted: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^model\.patch_size={patch_size}: must divide the image size {side} "
+                                          rf"of data\.source '{data['source']}'.*\(accepted: {accepted}\)"):
+        params_from_dict({"data": data, "model": {"patch_size": patch_size}})
+
+
+@pytest.mark.parametrize("model", [
+    {"img_size": 32, "patch_size": 8},  # an explicit input size replaces the digits' 8 (resized on the device)
+    {"img_size": 32, "patch_size": 32},
+    {"patch_size": 4},
+    {"name": "resnet18", "patch_size": 3},  # a CNN ignores patch_size
+    {"name": "vit_small_patch16_224", "patch_size": 3},  # a timm name: its ViT-ness is checked after fetch
+    {"patch_size": 3, "compound_phi": 1.0},  # scaling rounds the resolution to whole patches (9 = 3 x 3)
+    {"name": "efficientnet_b0", "patch_size": 3, "compound_phi": 1.0},  # scaled to a CNN
+])
+def test_patch_sizes_that_work_today_are_accepted(model: dict) -> None:
+    assert params_from_dict({"model": model}).model.patch_size == model["patch_size"]
+
+
+def test_imagefolder_patch_size_waits_for_the_data_without_image_size() -> None:
+    """Without data.image_size the images keep their own size: only the fetched data knows it."""
+    data = {"source": "imagefolder", "path": "data/raw/imgs"}
+    assert params_from_dict({"data": data, "model": {"patch_size": 3}}).model.patch_size == 3
+    assert params_from_dict({"data": {**data, "image_size": 30}, "model": {"patch_size": 5}}).data.image_size == 30
+
+
+def test_mae_needs_widths_divisible_by_four() -> None:
+    """MAE's 2D sin-cos position embeddings split the encoder's and decoder's widths in four."""
+    with pytest.raises(ConfigError, match=r"^model\.embed_dim=66: must be a multiple of 4 with pretrain\.method='mae'"):
+        params_from_dict({"model": {"embed_dim": 66, "num_heads": 3}})
+    with pytest.raises(ConfigError, match=r"^pretrain\.decoder_embed_dim=66: must be a multiple of 4"):
+        params_from_dict({"pretrain": {"decoder_embed_dim": 66, "decoder_num_heads": 3}})
+    assert params_from_dict({"model": {"embed_dim": 66, "num_heads": 3}, "pretrain": {"method": "simclr"}})
+    assert params_from_dict({"model": {"embed_dim": 66, "num_heads": 3, "compound_phi": 1.0}})  # rounded to 4s

@@ -27,24 +27,25 @@ def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> mlflow.MlflowClie
     return mlflow.MlflowClient(uri)
 
 
-def _register(client: mlflow.MlflowClient, value: float | None, *, data: str = "d0", alias: bool = True) -> int:
-    """A new version whose registering run logged `METRIC`=value; alias challenger like the rl stage sets."""
+def _register(client: mlflow.MlflowClient, value: float | None, *, data: str = "d0", alias: bool = True,
+              name: str = NAME, metric: str = METRIC) -> int:
+    """A new version whose registering run logged `metric`=value; alias challenger like the rl stage sets."""
     experiment = client.get_experiment_by_name("gate") or client.get_experiment(client.create_experiment("gate"))
     run = client.create_run(experiment.experiment_id, run_name="rl")
     if value is not None:
-        client.log_metric(run.info.run_id, METRIC, value)
+        client.log_metric(run.info.run_id, metric, value)
     client.set_terminated(run.info.run_id)
-    if not client.search_registered_models(f"name = '{NAME}'"):
-        client.create_registered_model(NAME)
-    version = client.create_model_version(NAME, f"runs:/{run.info.run_id}/classifier", run_id=run.info.run_id,
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name)
+    version = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id,
                                           tags={"input.data.sha256": data})
     if alias:
-        client.set_registered_model_alias(NAME, CHALLENGER, version.version)
+        client.set_registered_model_alias(name, CHALLENGER, version.version)
     return int(version.version)
 
 
-def _champion(client: mlflow.MlflowClient) -> int:
-    return int(client.get_model_version_by_alias(NAME, CHAMPION).version)
+def _champion(client: mlflow.MlflowClient, name: str = NAME) -> int:
+    return int(client.get_model_version_by_alias(name, CHAMPION).version)
 
 
 def _gate(client: mlflow.MlflowClient, min_delta: float = 0.01, mode: str = "max"):
@@ -160,39 +161,69 @@ def test_different_data_is_compared_and_flagged(client: mlflow.MlflowClient) -> 
     assert decision.action == "promoted" and decision.same_data is False
 
 
-def _project(tmp_path: Path, **promote_keys: object) -> Path:
+def _project(tmp_path: Path, **gates: dict[str, object] | None) -> Path:
+    """The project's params with the promote section's gates updated (a gate set to None is dropped)."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["promote"].update(promote_keys)
+    for gate, keys in gates.items():
+        params["promote"][gate] = None if keys is None else {**(params["promote"].get(gate) or {}), **keys}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     return tmp_path / "params.yaml"
 
 
+# The classifier's gate and a text task model's gate (test exact match, added by text_task_evaluate).
+GATES = [("classifier", NAME, METRIC), ("task_ar", "ssl-pipeline-task-lm-ar", "test.accuracy")]
+
+
+@pytest.mark.parametrize(("gate", "name", "metric"), GATES)
 def test_command_line_statuses_summary_and_report(client: mlflow.MlflowClient, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    params = _project(tmp_path, min_delta=0.01)
+                                                  capsys: pytest.CaptureFixture[str], gate: str, name: str,
+                                                  metric: str) -> None:
+    params = _project(tmp_path, **{gate: {"min_delta": 0.01}})
     summary, report = tmp_path / "summary.md", tmp_path / "decision.json"
-    assert main(["--params", str(params)]) == EXIT_BAD_INPUT  # nothing registered yet
-    assert "no version has the alias 'challenger'" in capsys.readouterr().err
+    command = ["--params", str(params), "--model", gate]
+    assert main(command) == EXIT_BAD_INPUT  # nothing registered yet
+    assert f"promote.{gate} ({name}): {name}: no version has the alias 'challenger'" in capsys.readouterr().err
 
-    first = _register(client, 0.80)
-    assert main(["--params", str(params), "--summary", str(summary), "--report", str(report)]) == EXIT_DECIDED
-    assert f"promoted v{first} to champion" in capsys.readouterr().out
-    assert json.loads(report.read_text())["action"] == "promoted"
+    first = _register(client, 0.80, name=name, metric=metric)
+    assert main([*command, "--summary", str(summary), "--report", str(report)]) == EXIT_DECIDED
+    assert f"{name}: promoted v{first} to champion" in capsys.readouterr().out
+    assert json.loads(report.read_text())["decisions"][0]["action"] == "promoted"
 
-    _register(client, 0.805)
-    assert main(["--params", str(params), "--summary", str(summary), "--exit-code"]) == EXIT_KEPT
-    assert main(["--params", str(params)]) == EXIT_DECIDED  # a kept champion is a decision, not a failure
-    assert main(["--params", str(params), "-S", "promote.min_delta=0.001"]) == EXIT_DECIDED
-    assert _champion(client) == first + 1
+    _register(client, 0.805, name=name, metric=metric)
+    assert main([*command, "--summary", str(summary), "--exit-code"]) == EXIT_KEPT
+    assert main(command) == EXIT_DECIDED  # a kept champion is a decision, not a failure
+    assert f"{name}: kept v{first}" in capsys.readouterr().out
+    assert main([*command, "-S", f"promote.{gate}.min_delta=0.001"]) == EXIT_DECIDED
+    assert _champion(client, name) == first + 1
+    assert "unchanged" in (main(command), capsys.readouterr().out)[1]  # a second run changes nothing
     text = summary.read_text()
-    assert text.count("### Promotion gate: `ssl-pipeline-classifier`") == 2 and "**kept**" in text
+    assert text.count(f"### Promotion gate: `{name}`") == 2 and "**kept**" in text
     assert "| champion before | v1 | 0.8 |" in text
 
-    assert main(["--params", str(params), "-S", "promote.mode=up"]) == EXIT_BAD_INPUT
-    assert "promote.mode='up': must be one of 'max', 'min'" in capsys.readouterr().err
-    _register(client, 0.9)
-    assert main(["--params", str(params), "-S", "promote.metric=test.top1"]) == EXIT_BAD_INPUT
-    assert "has no metric 'test.top1'" in capsys.readouterr().err
+    assert main([*command, "-S", f"promote.{gate}.mode=up"]) == EXIT_BAD_INPUT
+    assert f"promote.{gate}.mode='up': must be one of 'max', 'min'" in capsys.readouterr().err
+    _register(client, 0.9, name=name, metric=metric)
+    assert main([*command, "-S", f"promote.{gate}.metric=test.nll"]) == EXIT_BAD_INPUT
+    assert "has no metric 'test.nll'" in capsys.readouterr().err
+
+
+def test_every_declared_gate_runs_and_one_that_cannot_decide_does_not_stop_the_others(
+        client: mlflow.MlflowClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    params = _project(tmp_path, task_mdm=None, lm_ar={"metric": "validation.bits_per_character", "mode": "min"})
+    _register(client, 0.8)
+    _register(client, 0.1, name="ssl-pipeline-task-lm-ar", metric="test.accuracy")
+    report = tmp_path / "decisions.json"
+    assert main(["--params", str(params), "--report", str(report)]) == EXIT_BAD_INPUT  # lm_ar has no challenger
+    out, err = capsys.readouterr()
+    assert "ssl-pipeline-classifier: promoted" in out and "ssl-pipeline-task-lm-ar: promoted" in out
+    assert "promote.lm_ar (ssl-pipeline-lm-ar): ssl-pipeline-lm-ar: no version has the alias" in err
+    decided = json.loads(report.read_text())
+    assert [d["model"] for d in decided["decisions"]] == [NAME, "ssl-pipeline-task-lm-ar"]
+    assert len(decided["errors"]) == 1
+    assert main(["--params", str(params), "--model", "task_mdm"]) == EXIT_BAD_INPUT
+    assert "--model task_mdm: no gate promote.task_mdm is declared" in capsys.readouterr().err
+    assert main(["--params", str(params), "--model", "classifier", "--model", "task_ar"]) == EXIT_DECIDED
+    assert capsys.readouterr().out.count("unchanged") == 2
 
 
 def test_unreachable_server_exits_3_within_seconds(tmp_path: Path) -> None:

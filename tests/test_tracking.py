@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline_lib.config import flatten, load_params, params_hash
-from pipeline_lib.tracking import MlflowTracker, artifact_location, project_root, tracking_uri
+from pipeline_lib.tracking import MlflowTracker, artifact_location, git_state, project_root, tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,3 +105,46 @@ def test_tracker_batches_metrics_by_step(tmp_path: Path) -> None:
         tracker.flush()
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(120))
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
+
+
+def test_git_dirty_ignores_what_dvc_writes_and_names_what_else_changed(tmp_path: Path) -> None:
+    """DVC rewrites dvc.lock, the committed outs it records there (metrics, plots) and its .gitignore files as
+    the pipeline runs: a checkout is dirty only when the source (code, params, dvc.yaml, pointers) changed."""
+    repo = tmp_path / "repo"
+    lock = {"schema": "2.0", "stages": {"train@ar": {"cmd": "x", "outs": [
+        {"path": "metrics/train.json", "md5": "0"}, {"path": "plots/train", "md5": "1.dir"}]}}}
+    files = {"dvc.yaml": "stages: {}\n", "dvc.lock": yaml.safe_dump(lock), "params.yaml": "seed: 0\n",
+             "metrics/train.json": "{}\n", "plots/train/loss.csv": "step\n", "models/.gitignore": "/x\n",
+             "code.py": "pass\n", "data/raw.dvc": "outs: []\n", "README.md": "x\n"}
+    for name, text in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(text)
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "-m", "project")
+    commit = _git(repo, "rev-parse", "HEAD").strip()
+    assert git_state(repo) == {"git.commit": commit, "git.dirty": "false"}
+
+    (repo / "metrics/train.json").write_text('{"loss": 1}\n')
+    (repo / "plots/train/loss.csv").unlink()  # DVC deletes an out before its stage reruns
+    (repo / "models/.gitignore").write_text("/x\n/y\n")
+    (repo / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {}}))  # the committed lock still counts
+    assert git_state(repo)["git.dirty"] == "false"
+    (repo / "mlflow.db").write_text("untracked files never count")
+    assert git_state(repo)["git.dirty"] == "false"
+
+    for name in ("params.yaml", "code.py", "data/raw.dvc", "dvc.yaml"):
+        (repo / name).write_text((repo / name).read_text() + "# edited\n")
+        state = git_state(repo)
+        assert state["git.dirty"] == "true" and state["git.dirty_paths"] == name, state
+        _git(repo, "checkout", "--", name)
+    _git(repo, "mv", "README.md", "README.txt")
+    assert git_state(repo)["git.dirty_paths"] == "README.txt, README.md"  # both sides of a rename
+
+
+def test_git_state_outside_a_repository(tmp_path: Path) -> None:
+    assert git_state(tmp_path) == {"git.commit": "unknown", "git.dirty": "unknown"}

@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline_lib.config import DataParams
 from pipeline_lib.data.download import DataError
-from pipeline_lib.data.sources import RawDataset, load_source
+from pipeline_lib.data.sources import RawDataset, load_source, local_folder
 from pipeline_lib.data.store import write_split
 
 
@@ -77,6 +77,18 @@ def split_indices(raw: RawDataset, cfg: DataParams, seed: int) -> dict[str, Any]
         "train": train, "labeled": labeled, "rl": rl, "test": test, "extra": extra,
         "test_source": test_source, "test_labels": test_labels,
     }
+
+
+def check_inputs(cfg: DataParams) -> None:
+    """What the fetch stage checks before its MLflow run beyond `load_params` (which refuses a patch size the
+    source's image size rules out): a local imagefolder's `data.path` is a folder. Downloads are checked
+    (sha256) when fetched.
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    if cfg.source == "imagefolder" and cfg.url is None:
+        local_folder(cfg)
 
 
 def prepare_dataset(cfg: DataParams, seed: int, out_dir: Path, cache_dir: Path) -> dict[str, dict[str, Any]]:

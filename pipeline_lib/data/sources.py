@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline_lib.config import DataParams
+from pipeline_lib.config import ConfigError, DataParams
 from pipeline_lib.data.download import DataError, download, extract_archive
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -183,9 +183,7 @@ def load_imagefolder(cfg: DataParams, cache_dir: Path) -> RawDataset:
         if len(entries) == 1 and entries[0].is_dir():  # an archive of one top-level folder
             root = entries[0]
     else:
-        root, origin = Path(cfg.path).expanduser(), {"path": str(cfg.path)}  # type: ignore[arg-type]
-        if not root.is_dir():
-            raise DataError(f"data.path={cfg.path!r}: not a folder")
+        root, origin = local_folder(cfg), {"path": str(cfg.path)}
     if (root / "train").is_dir():
         train_files, train_labels, names = _class_layout(root / "train")
         test = _class_layout(root / "test", names) if (root / "test").is_dir() else None
@@ -207,6 +205,19 @@ def load_imagefolder(cfg: DataParams, cache_dir: Path) -> RawDataset:
         test_labels=test[1] if test else None,
         extra_unlabeled=read(extra) if extra else None,
     )
+
+
+def local_folder(cfg: DataParams) -> Path:
+    """The folder `data.path` names (imagefolder without `data.url`); the fetch stage checks it before its run.
+
+    Raises:
+        ConfigError: it is not a folder.
+    """
+    root = Path(cfg.path).expanduser()  # type: ignore[arg-type]  # DataParams requires path without url
+    if not root.is_dir():
+        raise ConfigError(f"data.path={cfg.path!r}: not a folder (accepted: a folder of images, one subfolder per "
+                          "class, or flat for unlabeled)")
+    return root
 
 
 def _image_files(folder: Path) -> list[Path]:

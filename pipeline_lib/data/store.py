@@ -91,15 +91,26 @@ def write_split(
     return meta
 
 
-def read_split(root: Path, name: str, *, verify: bool = False) -> Split:
-    """Open split `name` under a prepared-data folder; with `verify`, check each array's sha256 first."""
-    folder = Path(root) / name
-    meta_file = folder / "meta.json"
+def read_meta(root: Path, name: str) -> dict[str, Any]:
+    """The `meta.json` of split `name` under a prepared-data folder (its shape, class names, digests), without
+    opening its arrays: what a stage checks its params against before any work."""
+    meta_file = Path(root) / name / "meta.json"
     if not meta_file.is_file():
         available = sorted(p.name for p in Path(root).iterdir() if (p / "meta.json").is_file()) if Path(
             root).is_dir() else []
-        raise DataError(f"{folder}: no prepared split {name!r} (available: {', '.join(available) or 'none'})")
-    meta = json.loads(meta_file.read_text())
+        raise DataError(f"{meta_file.parent}: no prepared split {name!r} (available: {', '.join(available) or 'none'})")
+    return json.loads(meta_file.read_text())
+
+
+def image_origin(meta: dict[str, Any], root: Path) -> str:
+    """How an error names where prepared images (of a split's `meta`) come from."""
+    return f"data.source {meta['source']!r} in {root}"
+
+
+def read_split(root: Path, name: str, *, verify: bool = False) -> Split:
+    """Open split `name` under a prepared-data folder; with `verify`, check each array's sha256 first."""
+    folder = Path(root) / name
+    meta = read_meta(root, name)
     if verify:
         for file, expected in meta["sha256"].items():
             actual = sha256_file(folder / file)

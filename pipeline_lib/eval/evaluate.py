@@ -24,7 +24,8 @@ from pipeline_lib.eval.metrics import classification_metrics, reliability_bins
 from pipeline_lib.eval.probe import linear_probe_accuracy
 from pipeline_lib.models.factory import load_network
 from pipeline_lib.outputs import staged_dir
-from pipeline_lib.tracking import MlflowTracker, Tracker, read_run_record, write_json_atomic
+from pipeline_lib.registry import annotate
+from pipeline_lib.tracking import Tracker, read_run_record, write_json_atomic
 
 HEADLINE = "ssl"  # the classifier the pipeline ships: finetuned from the pretrained encoder
 BASELINE = "scratch"  # the same architecture, labels and budget from random weights
@@ -146,26 +147,22 @@ def log_results(tracker: Tracker, paths: EvaluatePaths, summary: dict[str, Any],
     tracker.log_artifact(paths.plots / "confusion.csv")
     tracker.flush()
     if tracker.run_id is not None:
+        test_images = summary["labels"]["test_images"]
         for name, folder in paths.classifiers.items():
-            annotate_run(read_run_record(folder), {f"test.{k}": v for k, v in _flat(_scalars(results[name])).items()},
-                         {f"test/{artifact.split('/', 1)[1]}": figure for artifact, figure in figures.items()
-                          if artifact.startswith(f"{name}/")})
+            metrics = summary[name]
+            headline = (f"test top-1 {metrics['top1']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, ECE "
+                        f"{metrics['ece']:.4f} on {test_images} test images (evaluate stage)")
+            annotate(read_run_record(folder), {f"test.{k}": v for k, v in _flat(_scalars(results[name])).items()},
+                     headline=headline, figures={f"test/{artifact.split('/', 1)[1]}": figure
+                                                 for artifact, figure in figures.items()
+                                                 if artifact.startswith(f"{name}/")})
+        probes = summary["encoder"]
+        annotate(read_run_record(paths.encoder), {f"test.{k}": v for k, v in probes.items()},
+                 headline=f"linear probe top-1 {probes['linear_probe_top1']:.4f}, kNN top-1 {probes['knn_top1']:.4f} "
+                          f"on {test_images} test images, fitted on {summary['labels']['labeled_images']} labeled "
+                          "images (evaluate stage)")
     for figure in figures.values():
         plt.close(figure)
-
-
-def annotate_run(record: dict[str, Any], metrics: dict[str, float], figures: dict[str, Any]) -> bool:
-    """Add test metrics and figures to the finished run in `record` (a run.json) if it lives in this store."""
-    import mlflow
-
-    if not record.get("run_id") or record.get("tracking_uri") != mlflow.get_tracking_uri():
-        return False
-    run = MlflowTracker(record["run_id"])
-    run.log_metrics(metrics)
-    run.flush()
-    for artifact, figure in figures.items():
-        run.log_figure(figure, artifact)
-    return True
 
 
 def _flat(document: dict[str, Any], prefix: str = "") -> dict[str, float]:

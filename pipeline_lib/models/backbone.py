@@ -13,6 +13,12 @@ def _close_matches(name: str, count: int = 5) -> list[str]:
     return difflib.get_close_matches(name, timm.list_models(), n=count, cutoff=0.6)
 
 
+def unknown_model(name: str) -> str:
+    """What is wrong with a name timm does not know, with the closest names it does."""
+    suggestions = ", ".join(_close_matches(name)) or "none; see timm.list_models()"
+    return f"unknown timm model {name!r}; close matches: {suggestions}"
+
+
 def create_backbone(name: str, *, in_chans: int, img_size: int | None = None, **overrides: Any) -> nn.Module:
     """A timm model without its classifier: `backbone(x)` gives pooled (B, num_features) features.
 
@@ -31,8 +37,7 @@ def create_backbone(name: str, *, in_chans: int, img_size: int | None = None, **
         ValueError: unknown name (with the closest timm names), or an override the model does not accept.
     """
     if not timm.is_model(name):
-        suggestions = ", ".join(_close_matches(name)) or "none; see timm.list_models()"
-        raise ValueError(f"unknown timm model {name!r}; close matches: {suggestions}")
+        raise ValueError(unknown_model(name))
     kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0, "in_chans": in_chans, **overrides}
     if img_size is not None:
         try:

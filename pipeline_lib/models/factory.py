@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline_lib.config import ModelParams, Params
-from pipeline_lib.models.backbone import feature_dim
+from pipeline_lib.config import ConfigError, ModelParams, Params, check_patch_size
+from pipeline_lib.models.backbone import feature_dim, unknown_model
 from pipeline_lib.models.classifier import AbstainClassifier
 from pipeline_lib.models.compound import CompoundScaling, compound_scale
 from pipeline_lib.models.preprocess import Preprocess
@@ -55,6 +56,46 @@ def resolve_params(params: Params, *, data_img_size: int) -> tuple[Params, Compo
     return dataclasses.replace(params, model=model), scaling
 
 
+def check_encoder_input(params: Params, *, data_img_size: int, origin: str) -> tuple[Params, CompoundScaling]:
+    """Refuse, before any work, an encoder the builders would refuse for images of side `data_img_size`.
+
+    What `params.yaml` alone cannot decide (`Params` checks the rest): `model.name` is 'vit' or a timm model,
+    compound scaling finds an EfficientNet variant (`compound.nearest_efficientnet`), and a ViT's patch side
+    divides its input side, with a timm ViT's own patch size when `model.patch_size` is null (the rule of
+    `config.check_patch_size`; `mae.build_vit_encoder` enforces the same at build time). Reads no weights.
+
+    Args:
+        params: the params as configured.
+        data_img_size: side of the prepared images.
+        origin: where that side comes from, for the message (e.g. "data.source 'imagefolder' in data/prepared").
+
+    Returns:
+        `resolve_params(params, data_img_size=data_img_size)`.
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    if params.model.name != "vit" and not timm.is_model(params.model.name):
+        raise ConfigError(f"model.name={params.model.name!r}: {unknown_model(params.model.name)} (accepted: 'vit' "
+                          "or a timm model name)")
+    resolved, scaling = resolve_params(params, data_img_size=data_img_size)
+    model = resolved.model
+    if is_vit(model.name):
+        own = vit_patch_size(model) if model.patch_size is None else None
+        where = "model.img_size" if model.img_size is not None else origin
+        check_patch_size(model.patch_size, scaling.img_size, where, own_patch=own)
+    return resolved, scaling
+
+
+def vit_patch_size(model: ModelParams) -> int:
+    """The patch side a ViT spec builds with: `model.patch_size`, or the timm model's own when it is null (read
+    from the model built on the meta device: no weights are allocated)."""
+    if model.patch_size is not None:
+        return model.patch_size
+    with torch.device("meta"):
+        return timm.create_model(model.name, pretrained=False, num_classes=0).patch_embed.patch_size[0]
+
+
 def _check_resolved(model: ModelParams) -> None:
     if model.compound_phi != 0:
         raise ValueError(
@@ -78,12 +119,9 @@ def build_encoder(model: ModelParams, *, in_chans: int, img_size: int, drop_path
     _check_resolved(model)
     if is_vit(model.name):
         custom = model.name == "vit"
-        patch_size = model.patch_size
-        if patch_size is None:  # keep the timm model's own patch size
-            patch_size = timm.create_model(model.name, pretrained=False, num_classes=0).patch_embed.patch_size[0]
         return build_vit_encoder(
-            model_name=None if custom else model.name, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-            embed_dim=model.embed_dim, depth=model.depth, num_heads=model.num_heads,
+            model_name=None if custom else model.name, img_size=img_size, patch_size=vit_patch_size(model),
+            in_chans=in_chans, embed_dim=model.embed_dim, depth=model.depth, num_heads=model.num_heads,
             drop_path_rate=drop_path_rate, global_pool=model.global_pool,
         )
     return create_backbone(model.name, in_chans=in_chans, drop_path_rate=drop_path_rate)
@@ -123,10 +161,7 @@ def load_network(folder: Path, *, drop_path_rate: float = 0.0) -> tuple[nn.Modul
     stored: it has no weights).
     """
     folder = Path(folder)
-    config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: no exported network here (expected config.json and weights)")
-    config = json.loads(config_path.read_text())
+    config = read_network_config(folder)
     model = saved_model_params(config)
     in_chans = config["model"]["in_chans"]
     network = build_encoder(model, in_chans=in_chans, img_size=model.img_size, drop_path_rate=drop_path_rate)
@@ -137,6 +172,14 @@ def load_network(folder: Path, *, drop_path_rate: float = 0.0) -> tuple[nn.Modul
     network.load_state_dict(load_file(folder / config.get("weights", ENCODER_FILE)))
     preprocess = Preprocess(**config["preprocess"])
     return network.eval(), preprocess.eval(), config
+
+
+def read_network_config(folder: Path) -> dict[str, Any]:
+    """The `config.json` of an exported network, without its weights."""
+    config_path = Path(folder) / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: no exported network here (expected config.json and weights)")
+    return json.loads(config_path.read_text())
 
 
 def saved_model_params(config: dict[str, Any]) -> ModelParams:

@@ -22,18 +22,24 @@ from scipy.stats import entropy
 from torch import nn
 
 from pipeline_lib import dist
-from pipeline_lib.config import Params, RewardParams, flatten, params_hash
+from pipeline_lib.config import ConfigError, Params, RewardParams, flatten, params_hash
 from pipeline_lib.data.download import DataError
-from pipeline_lib.data.store import Split, prepared_digest, read_split
+from pipeline_lib.data.store import Split, prepared_digest, read_meta, read_split
 from pipeline_lib.eval.evaluate import predict_probabilities
 from pipeline_lib.eval.metrics import classification_metrics
 from pipeline_lib.models.classifier import AbstainClassifier
-from pipeline_lib.models.factory import CLASSIFIER_FILE, load_network, save_network, saved_model_params
+from pipeline_lib.models.factory import (
+    CLASSIFIER_FILE,
+    load_network,
+    read_network_config,
+    save_network,
+    saved_model_params,
+)
 from pipeline_lib.outputs import staged_dir
 from pipeline_lib.rewards.classification import abstain_table, accuracy_table, bayes_actions, cost_table
 from pipeline_lib.rl.decisions import decision_report, risk_coverage
 from pipeline_lib.tracking import Tracker, read_run_record, write_json_atomic, write_run_record
-from pipeline_lib.trainers.base import code_digest
+from pipeline_lib.trainers.base import check_batch_size, code_digest
 from pipeline_lib.trainers.finetune import encoder_digest
 from pipeline_lib.trainers.grpo import CrossEntropyTrainer, ExpectedRewardTrainer, GRPOTrainer
 
@@ -60,12 +66,16 @@ def reward_table(reward: RewardParams, num_classes: int) -> np.ndarray:
     if isinstance(matrix, str):
         path = Path(matrix)
         if not path.is_file():
-            raise FileNotFoundError(f"rl.reward.cost_matrix={matrix!r}: no such CSV file")
+            raise ConfigError(f"rl.reward.cost_matrix={matrix!r}: no such CSV file")
         try:
             matrix = np.loadtxt(path, delimiter=",", ndmin=2)
         except ValueError as err:
-            raise ValueError(f"rl.reward.cost_matrix={matrix!r}: not a CSV of numbers ({err})") from err
-    return cost_table(matrix, num_classes)
+            raise ConfigError(f"rl.reward.cost_matrix={reward.cost_matrix!r}: not a CSV of numbers ({err})") from err
+    try:
+        return cost_table(matrix, num_classes)
+    except ValueError as err:  # its shape against the classifier's classes, or a value that is not finite
+        detail = str(err).removeprefix("reward.cost_matrix: ")
+        raise ConfigError(f"rl.reward.cost_matrix={reward.cost_matrix!r}: {detail}") from err
 
 
 def logged_params(params: Params) -> dict[str, Any]:
@@ -109,17 +119,53 @@ def policy_report(probs: np.ndarray, reference: np.ndarray, test: Split, table: 
             "kl_to_reference": float(entropy(class_probs, reference, axis=1).mean()), "aurc": aurc}
 
 
+def check_splits(metas: dict[str, dict[str, Any]], root: Path) -> None:
+    """GRPO trains on the rl split and reports on test (`metas`: their meta.json): both need labeled images.
+
+    Raises:
+        ConfigError: a split is empty (naming the data key that sized it); DataError: a split has no labels.
+    """
+    for name, meta in metas.items():
+        if "labels.npy" not in meta["sha256"]:
+            raise DataError(f"{root}/{name} has no labels: the rl stage needs a labeled data.source")
+        if meta["num_images"] == 0:
+            key = "data.rl_fraction" if name == "rl" else "data.test_fraction"
+            raise ConfigError(f"{key}={meta.get(key.removeprefix('data.'))!r}: leaves the {name} split in {root} "
+                              "empty, and the rl stage needs it (accepted: a fraction large enough for at least one "
+                              "image, e.g. 0.1)")
+
+
+def check_classifier(config: dict[str, Any], folder: Path) -> None:
+    """GRPO starts from a finetuned classifier (its config.json): class logits, no abstain action yet."""
+    if not config.get("num_classes") or config.get("abstain"):
+        raise ValueError(f"{folder} is not a finetuned classifier (config.json num_classes, no abstain)")
+
+
+def check_inputs(params: Params, paths: RLPaths) -> None:
+    """The params that only the prepared data and the finetuned classifier decide, checked by the stage before
+    its MLflow run from meta.json and config.json: the rl and test splits hold labeled images
+    (`data.rl_fraction`), `rl.reward.cost_matrix` is C x C for the classifier's C classes (`reward_table`), and
+    `rl.batch_size` fits the rl split (and the processes).
+
+    Raises:
+        ConfigError: naming the key; DataError, FileNotFoundError, ValueError: missing or wrong inputs.
+    """
+    metas = {name: read_meta(paths.data, name) for name in ("rl", "test")}
+    check_splits(metas, paths.data)
+    config = read_network_config(paths.classifier)
+    check_classifier(config, paths.classifier)
+    reward_table(params.rl.reward, len(config["class_names"]))
+    check_batch_size(params.rl, metas["rl"]["num_images"], "rl images")
+
+
 def run_rl(params: Params, paths: RLPaths, tracker: Tracker, device: torch.device) -> dict[str, Any]:
     """Post-train with GRPO and train both baselines (resuming matching checkpoints); rank 0 reports on test
     and writes every out."""
     cfg = params.rl
     rl, test = read_split(paths.data, "rl"), read_split(paths.data, "test")
-    for name, split in (("rl", rl), ("test", test)):
-        if split.labels is None or len(split) == 0:
-            raise DataError(f"{paths.data}/{name} has no labeled images: set data.rl_fraction > 0")
+    check_splits({"rl": rl.meta, "test": test.meta}, paths.data)
     reference, preprocess, config = load_network(paths.classifier)
-    if not config.get("num_classes") or config.get("abstain"):
-        raise ValueError(f"{paths.classifier} is not a finetuned classifier (config.json num_classes, no abstain)")
+    check_classifier(config, paths.classifier)
     class_names = list(config["class_names"])
     table = reward_table(cfg.reward, len(class_names))  # shape errors before any training
     abstains = table.shape[0] > len(class_names)
@@ -203,8 +249,8 @@ def write_outputs(params: Params, paths: RLPaths, model: nn.Module, preprocess: 
     import matplotlib.pyplot as plt
 
     from pipeline_lib.eval.plots import write_csv
-    from pipeline_lib.registry import register_model
-    from pipeline_lib.serving import ClassifierModel
+    from pipeline_lib.registry import model_uri, register_model
+    from pipeline_lib.serving import CLASSIFIER, ClassifierModel, classifier_description
 
     upstream = read_run_record(paths.classifier)
     source = json.loads((paths.classifier / "config.json").read_text())
@@ -227,8 +273,14 @@ def write_outputs(params: Params, paths: RLPaths, model: nn.Module, preprocess: 
     version = None
     if tracker.run_id is not None:
         example = np.asarray(read_split(paths.data, "test").images[:2])
-        version = register_model(ClassifierModel(), paths.out, name=params.tracking.classifier_model,
-                                 artifact_name="classifier", input_example=example, tags=tracker.lineage)
+        name, post = params.tracking.classifier_model, summary["post_trained"]
+        headline = (f"test reward (greedy) {post['reward_greedy']:.4f}, accuracy {post['accuracy']:.4f}, coverage "
+                    f"{post['coverage']:.4f} on {summary['test_images']} test images, reward "
+                    f"{params.rl.reward.type} (rl stage: GRPO)")
+        version = register_model(ClassifierModel(), paths.out, name=name, kind=CLASSIFIER, artifact_name="classifier",
+                                 input_example=example, tags=tracker.lineage, description=classifier_description(name),
+                                 headline=headline,
+                                 started_from=model_uri(upstream.get("model_name"), upstream.get("model_version")))
     write_run_record(paths.out / "run.json", tracker, model_name=params.tracking.classifier_model,
                      model_version=version)
     write_json_atomic(paths.metrics, summary)

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline_lib.config import ConfigError, TextDataParams
 from pipeline_lib.data.download import ACCEPTED_SCHEMES, DataError, download, sha256_file
 from pipeline_lib.outputs import staged_dir
 from pipeline_lib.text.tokenizer import MIN_BPE_VOCAB_SIZE, TOKENIZERS, Tokenizer, count_chars, fit_tokenizer
@@ -191,6 +192,19 @@ def _check_args(
         raise ValueError(f"text_data.vocab_size={vocab_size}: must be >= {MIN_BPE_VOCAB_SIZE} with "
                          "text_data.tokenizer='bpe' (256 byte symbols and at least one merge)")
     _check_location(source, url, sha256, path)
+
+
+def check_inputs(cfg: TextDataParams) -> None:
+    """What the text_fetch stage checks before its MLflow run: `prepare_text`'s own argument checks, the
+    location included (a folder source's `text_data.path` is a folder).
+
+    Raises:
+        ConfigError: naming ``text_data.<key>``.
+    """
+    try:
+        _check_args(cfg.source, cfg.url, cfg.sha256, cfg.path, cfg.val_fraction, cfg.tokenizer, cfg.vocab_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -10,6 +10,7 @@ bound (`mdm_nll_bound`) with a fixed seed and sample count, so it is marked as a
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,14 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline_lib.config import Params
+from pipeline_lib.config import ConfigError, Params, TextEvaluateParams
 from pipeline_lib.losses.lm import mdm_nll_bound
 from pipeline_lib.models.transformer import TransformerLM
+from pipeline_lib.registry import annotate
 from pipeline_lib.text.corpus import read_text_meta, read_tokens
-from pipeline_lib.text.lm import load_lm, token_windows
+from pipeline_lib.text.lm import CONFIG_FILE, load_lm, token_windows, window_count
 from pipeline_lib.text.ngram import bits_per_character
 from pipeline_lib.text.sampling import generate_ar, generate_mdm
-from pipeline_lib.tracking import Tracker
+from pipeline_lib.tracking import Tracker, read_run_record
 
 EVAL_BATCH = 64
 
@@ -98,6 +100,13 @@ def run_text_evaluate(params: Params, data: Path, ngram_bpc: float, models: dict
         gain[f"{name}_vs_ngram"] = 1 - summary[name][BPC_KEY[objective]] / ngram_bpc
     summary["gain"] = gain
     tracker.log_metrics({f"{group}.{key}": value for group, values in summary.items() for key, value in values.items()})
+    if tracker.run_id is not None:  # each model's run and registered version get their validation figure
+        for name, folder in models.items():
+            key = next(key for key in BPC_KEY.values() if key in summary[name])
+            bound = " (an upper bound)" if key == BPC_KEY["mdm"] else ""
+            annotate(read_run_record(folder), {"validation.bits_per_character": summary[name][key]},
+                     headline=f"validation bits per character {summary[name][key]:.4f}{bound}, against "
+                              f"{ngram_bpc:.4f} for the n-gram baseline (text_evaluate)")
     return summary
 
 
@@ -115,7 +124,7 @@ def score(model: TransformerLM, objective: str, data: Path, params: Params) -> d
         nats = ar_nats(model, tokens, stride=max(1, model.max_len // 2))
         scored = len(tokens) - 1
     else:
-        windows = token_windows(tokens, model.max_len)
+        windows = token_windows(tokens, model.max_len, "validation")
         nats = mdm_nats(model, windows, num_samples=params.text_evaluate.mdm_samples, seed=params.seed)
         scored = windows.shape[0] * model.max_len
     seconds = time.perf_counter() - started
@@ -123,6 +132,38 @@ def score(model: TransformerLM, objective: str, data: Path, params: Params) -> d
     return {BPC_KEY[objective]: bits_per_character(nats, round(meta["num_chars"]["val"] * covered)),
             "params": model.num_params(non_embedding=False), "non_embedding_params": model.num_params(),
             "eval_tokens_per_second": scored / seconds, "scored_token_share": covered}
+
+
+def mdm_sample_length(cfg: TextEvaluateParams, prompt_len: int, max_len: int) -> int:
+    """How many tokens the masked model samples after a prompt of `prompt_len` tokens: `sample_tokens`, cut to
+    the rest of its window of `max_len` (its blocks are cut to fit: the last may be shorter).
+
+    Raises:
+        ConfigError: the prompt leaves no room, naming `text_evaluate.prompt_tokens`.
+    """
+    length = min(cfg.sample_tokens, max_len - prompt_len)
+    if length < 1:
+        raise ConfigError(f"text_evaluate.prompt_tokens={cfg.prompt_tokens}: must be < text_model.seq_len={max_len}, "
+                          f"the masked model's window, which its sample fills after the prompt (accepted: at most "
+                          f"{max_len - 1})")
+    return length
+
+
+def check_inputs(params: Params, data: Path, models: dict[str, Path]) -> None:
+    """The params that only the prepared text and the models decide, checked by the stage before its MLflow run
+    from meta.json and each model's config.json: each model's window (`text_model.seq_len` when it was trained)
+    against the validation tokens (`lm.window_count`), and for a masked model `text_evaluate.prompt_tokens`
+    against its window (`mdm_sample_length`).
+
+    Raises:
+        ConfigError: naming the key; DataError, FileNotFoundError: missing inputs.
+    """
+    num_val = read_text_meta(data)["num_tokens"]["val"]
+    for folder in models.values():
+        config = json.loads((Path(folder) / CONFIG_FILE).read_text())
+        window_count(num_val, config["max_len"], "validation")
+        if config["objective"] == "mdm":  # the prompt is the first prompt_tokens validation tokens, or all of them
+            mdm_sample_length(params.text_evaluate, min(params.text_evaluate.prompt_tokens, num_val), config["max_len"])
 
 
 def sample(model: TransformerLM, objective: str, data: Path, params: Params) -> torch.Tensor:
@@ -133,12 +174,8 @@ def sample(model: TransformerLM, objective: str, data: Path, params: Params) -> 
     if objective == "ar":
         return generate_ar(model, prompt, max_new_tokens=cfg.sample_tokens, temperature=cfg.temperature,
                            generator=generator)
-    length = min(cfg.sample_tokens, model.max_len - prompt.shape[1])
-    length -= length % cfg.block_length
-    if length < 1:
-        raise ValueError(f"text_evaluate.prompt_tokens={cfg.prompt_tokens} leaves no room for one block of "
-                         f"text_evaluate.block_length={cfg.block_length} in text_model.seq_len={model.max_len}")
-    return generate_mdm(model, prompt, gen_length=length, steps=length, block_length=cfg.block_length,
+    length = mdm_sample_length(cfg, prompt.shape[1], model.max_len)
+    return generate_mdm(model, prompt, gen_length=length, steps=None, block_length=cfg.block_length,
                         temperature=cfg.temperature, mask_id=model.mask_id, generator=generator)
 
 

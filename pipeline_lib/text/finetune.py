@@ -33,12 +33,23 @@ from pipeline_lib.config import Params, flatten, params_hash
 from pipeline_lib.losses.lm import mdm_corrupt, sft_ar_loss, sft_mdm_loss
 from pipeline_lib.models.transformer import TransformerLM, grow_vocab
 from pipeline_lib.outputs import staged_dir
-from pipeline_lib.text.lm import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, LMTrainer, build_lm, lm_config, load_lm
+from pipeline_lib.registry import ALIASES, ModelKind, model_uri
+from pipeline_lib.text.lm import (
+    CONFIG_FILE,
+    OBJECTIVE_NAMES,
+    SAMPLERS,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    LMTrainer,
+    build_lm,
+    lm_config,
+    load_lm,
+)
 from pipeline_lib.text.rollout import EOS, ROLE, check_fits, encode_examples, prompt_length, task_tokenizer
 from pipeline_lib.text.task_data import copy_task_meta, read_task, task_digest
 from pipeline_lib.text.tokenizer import SpecialTokens, load_tokenizer
 from pipeline_lib.tracking import Tracker, read_run_record, write_json_atomic, write_run_record
-from pipeline_lib.trainers.base import Batch, Trainer, code_digest
+from pipeline_lib.trainers.base import Batch, Trainer, check_batch_size, code_digest
 
 
 class SFTTrainer(LMTrainer):
@@ -96,12 +107,42 @@ def fingerprint(params: Params, paths: SFTPaths, objective: str) -> str:
                         "start": weights_digest(paths.pretrained), "code": code_digest()})
 
 
+def check_objective(config: dict[str, Any], folder: Path, objective: str) -> None:
+    """The pretrained model (its config.json) was trained with the objective this stage finetunes."""
+    if config["objective"] != objective:
+        raise ValueError(f"{folder} is an {config['objective']!r} model, not {objective!r}")
+
+
+def check_inputs(params: Params, paths: SFTPaths, objective: str) -> None:
+    """The params that only the task data and the tokenizer decide, checked by the stage before its MLflow run
+    from the task files, config.json and tokenizer.json (no weights): the longest prompt plus
+    `text_task.answer_tokens` fits the model's context (`rollout.check_fits`), every train completion fits
+    `text_task.answer_tokens` (`rollout.encode_examples`), and `text_sft.batch_size` fits the train split (and
+    the processes).
+
+    Raises:
+        ConfigError: naming the key; FileNotFoundError, ValueError: missing or wrong inputs.
+    """
+    data = read_task(paths.task)
+    if paths.pretrained is not None:
+        config = json.loads((paths.pretrained / CONFIG_FILE).read_text())
+        check_objective(config, paths.pretrained, objective)
+        base, max_len = load_tokenizer(paths.pretrained / TOKENIZER_FILE), config["max_len"]
+    else:
+        base, max_len = load_tokenizer(paths.data / TOKENIZER_FILE), params.text_model.seq_len
+    tokenizer = task_tokenizer(base)
+    layout = task_layout([example.prompt for split in data.splits.values() for example in split], tokenizer, params,
+                         max_len)
+    encode_examples(data.splits["train"], tokenizer, prompt_len=layout["prompt_len"],
+                    answer_tokens=layout["answer_tokens"], split="train")
+    check_batch_size(params.text_sft, len(data.splits["train"]), "train examples")
+
+
 def start_model(params: Params, paths: SFTPaths, objective: str) -> tuple[TransformerLM, SpecialTokens]:
     """The pretrained model (or fresh weights of the same architecture) with the task tokens added."""
     if paths.pretrained is not None:
         model, base, config = load_lm(paths.pretrained)
-        if config["objective"] != objective:
-            raise ValueError(f"{paths.pretrained} is an {config['objective']!r} model, not {objective!r}")
+        check_objective(config, paths.pretrained, objective)
     else:
         base = load_tokenizer(paths.data / TOKENIZER_FILE)
         torch.manual_seed(params.seed)  # identical initial weights in every run and on every process
@@ -159,19 +200,41 @@ def save_task_model(model: TransformerLM, tokenizer: SpecialTokens, objective: s
     tokenizer.save(out / TOKENIZER_FILE)
 
 
-def register_task_model(params: Params, folder: Path, tracker: Tracker, task: dict[str, Any],
-                        tags: dict[str, str]) -> int | None:
-    """Register a task model folder as a version of `tracking.task_model`; greedy completions by default."""
+def task_model_kind(objective: str) -> ModelKind:
+    """What every version of one objective's registered task model is (SFT and GRPO versions alike)."""
+    return ModelKind("text", "task-model", objective)
+
+
+def task_model_description(name: str, objective: str) -> str:
+    """The registered task model's description: what it holds, which stages register it, how to load it."""
+    return (f"{OBJECTIVE_NAMES[objective].capitalize()} task model of the text track: the pretrained language "
+            "model finetuned on the verifiable task of `text_task`. Versions come from two stages, in this order: "
+            f"`text_sft@{objective}` (supervised finetuning on the train split) and `text_rl@{objective}` (that model "
+            "post-trained with GRPO against the rule reward, on the rl split), so after a full `dvc repro` the "
+            f"newest is the post-trained one. {ALIASES}\n\n"
+            f"Load: `mlflow.pyfunc.load_model(\"models:/{name}@champion\").predict([\"57+38=\"])` -> one "
+            "completion per prompt, greedy and cut at `<eos>` by default (e.g. `<answer>95</answer>`); sampler "
+            f"params: `max_new_tokens`, {SAMPLERS[objective]}, `seed`. Or: "
+            f"`python -m pipeline_lib.text.generate models:/{name}@champion --prompt \"57+38=\" --temperature 0`.")
+
+
+def register_task_model(params: Params, folder: Path, tracker: Tracker, task: dict[str, Any], *, objective: str,
+                        headline: str, started_from: str | None) -> int | None:
+    """Register a task model folder as a version of `<tracking.task_model>-<objective>`; greedy completions by
+    default."""
     from pipeline_lib.registry import register_model
     from pipeline_lib.text.generate import LanguageModel
 
     if tracker.run_id is None:
         return None
+    name = params.tracking.task_name(objective)
     prompt = json.loads((folder / "task.json").read_text())["examples"]["test"][0]
     defaults = {**LanguageModel.default_params(task["prompt_len"] + task["answer_tokens"]),
                 "max_new_tokens": task["answer_tokens"], "block_length": task["answer_tokens"], "temperature": 0.0}
-    return register_model(LanguageModel(), folder, name=params.tracking.task_model, artifact_name="lm",
-                          input_example=[prompt], inference_params=defaults, tags={**tracker.lineage, **tags})
+    return register_model(LanguageModel(), folder, name=name, kind=task_model_kind(objective), artifact_name="lm",
+                          input_example=[prompt], inference_params=defaults, tags=tracker.lineage,
+                          description=task_model_description(name, objective), headline=headline,
+                          started_from=started_from)
 
 
 def write_outputs(params: Params, paths: SFTPaths, objective: str, trainer: Trainer, tokenizer: SpecialTokens,
@@ -193,7 +256,11 @@ def write_outputs(params: Params, paths: SFTPaths, objective: str, trainer: Trai
     tracker.flush()
     version = None
     if paths.pretrained is not None:
-        version = register_task_model(params, paths.out, tracker, task, {"objective": objective, "stage": "text_sft"})
+        version = register_task_model(
+            params, paths.out, tracker, task, objective=objective,
+            headline=f"training loss {summary['loss']:.4f} after {summary['steps']} steps (text_sft@{objective}); "
+                     "text_task_evaluate replaces this line with the test exact match",
+            started_from=model_uri(pretrained["model_name"], pretrained["model_version"]))
     write_run_record(paths.out / "run.json", tracker, objective=objective, init=task["init"],
-                     model_name=params.tracking.task_model if version else None, model_version=version)
+                     model_name=params.tracking.task_name(objective) if version else None, model_version=version)
     write_json_atomic(paths.metrics, summary)

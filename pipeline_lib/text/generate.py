@@ -4,19 +4,30 @@ Usage:
     python -m pipeline_lib.text.generate models/text/ar --prompt "The import statement" --max-new-tokens 200
     python -m pipeline_lib.text.generate models/text/mdm --prompt "Keywords" --max-new-tokens 64 \\
         --steps 32 --block-length 16 --temperature 0
-    python -m pipeline_lib.text.generate models:/ssl-pipeline-lm@challenger --prompt "def" --num-samples 3
+    python -m pipeline_lib.text.generate models:/ssl-pipeline-lm-ar@challenger --prompt "def" --num-samples 3
 
 MODEL is a model folder written by `text_pretrain` or a registered version (`models:/<name>/<version>` or
 `models:/<name>@<alias>`, loaded through MLflow from the tracking store). An `ar` model samples one token per
-step (temperature, optional top-k); an `mdm` model runs LLaDA's sampler: `max_new_tokens` MASK tokens after
-the prompt, decoded in blocks of `block_length`, `steps` model calls in all (default: one per token). Both see at
-most `max_len` tokens: a longer prompt is cut to its last tokens (for `mdm`, its last `max_len - max_new_tokens`).
-The samples print one after another, each after a `--- sample i ---` line.
+step (temperature, optional top-k) and reads the last `max_len` tokens. An `mdm` model runs LLaDA's sampler
+(`sampling.generate_mdm`): `max_new_tokens` MASK tokens after the prompt, decoded left to right in blocks of
+`block_length` cut to fit (the last block is shorter when `block_length` does not divide `max_new_tokens`; a
+`block_length` over `max_new_tokens` is one block), `steps` model calls in all, a multiple of the number of
+blocks (default: one per new token; a block never gets more calls than it has tokens). While prompt and answer
+fit the model's `max_len` the model reads them whole; beyond, each block is decoded in a sliding window of
+`max_len` positions that ends at the block's end (the first `max_len` positions while the block ends within
+them; a block is capped at `max_len` tokens), so any prompt and any `max_new_tokens` >= 1 work for both
+objectives.
+
+Accepted knobs: `max_new_tokens` >= 1, `temperature` >= 0 (0 is greedy), `top_k` >= 1 (default: all tokens),
+`steps` >= 1 (default: one per new token), `block_length` >= 1, `num_samples` >= 1, any integer `seed`; a
+value outside is refused with one line that names it. The samples print one after another, each after a
+`--- sample i ---` line.
 """
 
 from __future__ import annotations
 
 import argparse
+import numbers
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +45,8 @@ from pipeline_lib.text.tokenizer import Tokenizer
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """The sampler's knobs; `steps=None` is one model call per new token, `top_k=None` samples from all."""
+    """The sampler's knobs, each checked on construction (a bad one is a `ValueError` that names it and what is
+    accepted); `steps=None` is one model call per new token, `top_k=None` samples from all tokens."""
 
     max_new_tokens: int = 128
     temperature: float = 0.8
@@ -45,8 +57,32 @@ class SamplerSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples={self.num_samples}: must be >= 1")
+        positive = "must be >= 1 (an integer)"
+        rules = {  # knob -> (accepted, what is accepted)
+            "max_new_tokens": (_positive(self.max_new_tokens), positive),
+            "temperature": (_is_number(self.temperature) and self.temperature >= 0, "must be >= 0 (0 is greedy)"),
+            "top_k": (self.top_k is None or _positive(self.top_k), f"{positive}, or None for all tokens"),
+            "steps": (self.steps is None or _positive(self.steps),
+                      f"{positive}, or None for one model call per new token"),
+            "block_length": (_positive(self.block_length), positive),
+            "num_samples": (_positive(self.num_samples), positive),
+            "seed": (_is_int(self.seed), "must be an integer"),
+        }
+        for name, (accepted, rule) in rules.items():
+            if not accepted:
+                raise ValueError(f"{name}={getattr(self, name)!r}: {rule}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _positive(value: Any) -> bool:
+    return _is_int(value) and value >= 1
 
 
 def generate_text(model: TransformerLM, tokenizer: Tokenizer, objective: str, prompt: str,
@@ -65,15 +101,11 @@ def generate_text(model: TransformerLM, tokenizer: Tokenizer, objective: str, pr
         prompt_ids = torch.tensor([ids], device=device).repeat(settings.num_samples, 1)
         out = generate_ar(model, prompt_ids, max_new_tokens=settings.max_new_tokens,
                           temperature=settings.temperature, top_k=settings.top_k, generator=generator)
-    elif objective == "mdm":
-        room = model.max_len - settings.max_new_tokens
-        if room < 1:
-            raise ValueError(f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in the "
-                             f"model's max_len={model.max_len} tokens")
-        prompt_ids = torch.tensor([ids[-room:]], device=device).repeat(settings.num_samples, 1)
-        out = generate_mdm(model, prompt_ids, gen_length=settings.max_new_tokens,
-                           steps=settings.steps or settings.max_new_tokens, block_length=settings.block_length,
-                           temperature=settings.temperature, mask_id=model.mask_id, generator=generator)
+    elif objective == "mdm":  # blocks cut to fit; a window of max_len positions slides over a long sequence
+        prompt_ids = torch.tensor([ids], device=device).repeat(settings.num_samples, 1)
+        out = generate_mdm(model, prompt_ids, gen_length=settings.max_new_tokens, steps=settings.steps,
+                           block_length=settings.block_length, temperature=settings.temperature,
+                           mask_id=model.mask_id, generator=generator)
     else:
         raise ValueError(f"objective={objective!r}: expected 'ar' or 'mdm'")
     return [tokenizer.decode(row[prompt_ids.shape[1]:].tolist()) for row in out.cpu()]
@@ -82,9 +114,10 @@ def generate_text(model: TransformerLM, tokenizer: Tokenizer, objective: str, pr
 class LanguageModel(mlflow.pyfunc.PythonModel):
     """Prompts (a list of strings, or a one-column DataFrame) -> one generated continuation per prompt.
 
-    The sampler's knobs are MLflow inference params: `max_new_tokens`, `temperature`, `top_k` (0: all tokens),
-    `steps` (mdm; 0: one per new token), `block_length` (mdm) and `seed`; their defaults, recorded in the
-    signature, are `default_params(max_len)`. The model's `config.json` says which sampler runs (`ar` or `mdm`).
+    The sampler's knobs are MLflow inference params: `max_new_tokens` >= 1, `temperature` >= 0, `top_k` >= 0
+    (0: all tokens), `steps` >= 0 (mdm; 0: one per new token), `block_length` >= 1 (mdm) and `seed`, integers but
+    the temperature; their defaults, recorded in the signature, are `default_params(max_len)`; a bad value is a
+    one-line `ValueError` that names it. The model's `config.json` says which sampler runs (`ar` or `mdm`).
     """
 
     @staticmethod
@@ -113,13 +146,49 @@ class LanguageModel(mlflow.pyfunc.PythonModel):
         return [sample.split(eos)[0] for sample in samples] if eos else samples
 
     def predict(self, context, model_input, params=None):
-        knobs = {**self.default_params(self.model.max_len), **(params or {})}
-        settings = SamplerSettings(max_new_tokens=int(knobs["max_new_tokens"]),
-                                   temperature=float(knobs["temperature"]), top_k=int(knobs["top_k"]) or None,
-                                   steps=int(knobs["steps"]) or None, block_length=int(knobs["block_length"]),
-                                   seed=int(knobs["seed"]))
+        settings = self.settings(params, self.model.max_len)
         prompts = model_input.iloc[:, 0].tolist() if hasattr(model_input, "iloc") else list(model_input)
         return [self.generate(str(prompt), settings)[0] for prompt in prompts]
+
+    @classmethod
+    def settings(cls, params: dict[str, Any] | None, max_len: int) -> SamplerSettings:
+        """Inference params, `default_params(max_len)` for those not given -> the sampler's settings.
+
+        Raises:
+            ValueError: a value of the wrong kind or out of range, in one line that names the param.
+        """
+        knobs = {**cls.default_params(max_len), **(params or {})}
+        top_k, steps = _integer_param("top_k", knobs["top_k"]), _integer_param("steps", knobs["steps"])
+        for name, value, zero in (("top_k", top_k, "all tokens"), ("steps", steps, "one model call per new token")):
+            if value < 0:
+                raise ValueError(f"{name}={value}: must be >= 0 (0: {zero})")
+        return SamplerSettings(max_new_tokens=_integer_param("max_new_tokens", knobs["max_new_tokens"]),
+                               temperature=_number_param("temperature", knobs["temperature"]), top_k=top_k or None,
+                               steps=steps or None, block_length=_integer_param("block_length", knobs["block_length"]),
+                               seed=_integer_param("seed", knobs["seed"]))
+
+
+def _integer_param(name: str, value: Any) -> int:
+    """An inference param that must be a whole number (12, 12.0 or "12") -> int; anything else is refused."""
+    try:
+        number = int(value)
+        whole = number == float(value) and not isinstance(value, bool)
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole:
+        raise ValueError(f"{name}={value!r}: must be an integer")
+    return number
+
+
+def _number_param(name: str, value: Any) -> float:
+    """An inference param that must be a number -> float; anything else is refused."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or isinstance(value, bool):
+        raise ValueError(f"{name}={value!r}: must be a number")
+    return number
 
 
 def load_language_model(source: str) -> LanguageModel:
@@ -141,9 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 is greedy")
     parser.add_argument("--top-k", type=int, default=None, help="ar: sample among the k most likely tokens")
-    parser.add_argument("--steps", type=int, default=None, help="mdm: model calls in all (default: one per token)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="mdm: model calls in all, a multiple of the number of blocks (default: one per token)")
     parser.add_argument("--block-length", type=int, default=defaults.block_length,
-                        help="mdm: semi-autoregressive block size, dividing --max-new-tokens")
+                        help="mdm: semi-autoregressive block size (the last block may be shorter)")
     parser.add_argument("--num-samples", type=int, default=defaults.num_samples)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     args = parser.parse_args(argv)

@@ -27,6 +27,7 @@ pretraining: each process samples only its own prompts).
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,16 +44,17 @@ from pipeline_lib.config import Params, TextRLParams, flatten, params_hash
 from pipeline_lib.losses.grpo import group_advantages, grpo_loss, k3_kl
 from pipeline_lib.models.transformer import TransformerLM
 from pipeline_lib.outputs import staged_dir
+from pipeline_lib.registry import model_uri
 from pipeline_lib.rewards.text import Checker, accuracy_reward, combined_reward, format_reward
 from pipeline_lib.text.finetune import register_task_model, save_task_model, weights_digest
-from pipeline_lib.text.lm import load_lm
+from pipeline_lib.text.lm import CONFIG_FILE, load_lm
 from pipeline_lib.text.rollout import complete, completion_mask, decode_completions, encode_prompts
 from pipeline_lib.text.task_data import copy_task_meta, read_task, task_digest
 from pipeline_lib.text.task_eval import completions_of
 from pipeline_lib.text.tasks import Example
 from pipeline_lib.text.tokenizer import SpecialTokens
 from pipeline_lib.tracking import Tracker, read_run_record, write_json_atomic, write_run_record
-from pipeline_lib.trainers.base import Batch, Trainer, code_digest, step_seed
+from pipeline_lib.trainers.base import Batch, Trainer, check_batch_size, code_digest, step_seed
 
 PROBE_PROMPTS = 64
 
@@ -269,6 +271,24 @@ def check_signal(probe: dict[str, float], cfg: TextRLParams) -> None:
               f"little learning signal")
 
 
+def check_task_model(config: dict[str, Any], folder: Path, objective: str) -> None:
+    """GRPO starts from a task model (its config.json) of this objective: the out of text_sft."""
+    if "task" not in config or config["objective"] != objective:
+        raise ValueError(f"{folder} is not an {objective!r} task model (config.json has no 'task' or another "
+                         "objective); give the out of text_sft")
+
+
+def check_inputs(params: Params, paths: RLPaths, objective: str) -> None:
+    """The params that only the task data decides, checked by the stage before its MLflow run from the task
+    files and the SFT model's config.json: `text_rl.batch_size` against the rl prompts (and the processes).
+
+    Raises:
+        ConfigError: naming the key; FileNotFoundError, ValueError: missing or wrong inputs.
+    """
+    check_task_model(json.loads((Path(paths.sft) / CONFIG_FILE).read_text()), paths.sft, objective)
+    check_batch_size(params.text_rl, len(read_task(paths.task).splits["rl"]), "rl prompts")
+
+
 def run_text_rl(params: Params, paths: RLPaths, objective: str, tracker: Tracker,
                 device: torch.device) -> dict[str, Any]:
     """Post-train the SFT model with GRPO on the rl split (resuming a matching checkpoint); rank 0 writes the
@@ -276,13 +296,8 @@ def run_text_rl(params: Params, paths: RLPaths, objective: str, tracker: Tracker
     cfg = params.text_rl
     data = read_task(paths.task)
     policy, tokenizer, config = load_lm(paths.sft, device)
-    if "task" not in config or config["objective"] != objective:
-        raise ValueError(f"{paths.sft} is not an {objective!r} task model (config.json has no 'task' or another "
-                         "objective); give the out of text_sft")
+    check_task_model(config, paths.sft, objective)
     task = config["task"]
-    if objective == "mdm" and task["answer_tokens"] % cfg.block_length:
-        raise ValueError(f"text_rl.block_length={cfg.block_length} must divide "
-                         f"text_task.answer_tokens={task['answer_tokens']}")
     examples = data.splits["rl"]
     probe = probe_signal(policy, objective, tokenizer, examples, data.checker, task, cfg, params.seed)
     check_signal(probe, cfg)
@@ -329,8 +344,13 @@ def write_outputs(params: Params, paths: RLPaths, objective: str, trainer: Train
     flat = {"rl_seconds": summary["rl_seconds"], **{f"probe.{k}": v for k, v in summary["probe"].items()}}
     tracker.log_metrics(flat)
     tracker.flush()
-    version = register_task_model(params, paths.out, tracker, config["task"], {"objective": objective,
-                                                                               "stage": "text_rl"})
-    write_run_record(paths.out / "run.json", tracker, objective=objective, model_name=params.tracking.task_model,
-                     model_version=version)
+    first, last = summary["first"], summary["last"]
+    version = register_task_model(
+        params, paths.out, tracker, config["task"], objective=objective,
+        headline=f"GRPO reward on the rl batches {first.get('reward', float('nan')):.3f} -> "
+                 f"{last.get('reward', float('nan')):.3f} in {summary['steps']} steps (text_rl@{objective}); "
+                 "text_task_evaluate replaces this line with the test exact match",
+        started_from=model_uri(sft["model_name"], sft["model_version"]))
+    write_run_record(paths.out / "run.json", tracker, objective=objective,
+                     model_name=params.tracking.task_name(objective), model_version=version)
     write_json_atomic(paths.metrics, summary)

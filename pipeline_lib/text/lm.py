@@ -26,26 +26,57 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from pipeline_lib import dist
-from pipeline_lib.config import Params, TextMoEParams, TextPretrainParams, flatten, params_hash
+from pipeline_lib.config import ConfigError, Params, TextMoEParams, TextPretrainParams, flatten, params_hash
 from pipeline_lib.losses.lm import ar_loss, mdm_corrupt, mdm_loss
 from pipeline_lib.models.mtp import MultiTokenPrediction, mtp_losses
 from pipeline_lib.models.transformer import TransformerLM
 from pipeline_lib.outputs import staged_dir
+from pipeline_lib.registry import ALIASES, ModelKind
 from pipeline_lib.text.corpus import read_text_meta, read_tokens
 from pipeline_lib.text.hparams import AutoHparams, ScalingLawRangeWarning, auto_hparams, flops_per_token
 from pipeline_lib.text.tokenizer import Tokenizer, load_tokenizer
 from pipeline_lib.tracking import Tracker, write_json_atomic, write_run_record
-from pipeline_lib.trainers.base import Batch, Trainer, code_digest
+from pipeline_lib.trainers.base import Batch, Trainer, check_batch_size, code_digest
 
 WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
 OBJECTIVES = ("ar", "mdm")
+OBJECTIVE_NAMES = {"ar": "autoregressive (next-token)", "mdm": "masked-diffusion (LLaDA)"}
+SAMPLERS = {"ar": "`temperature` (0: greedy), `top_k` (0: all tokens)",
+            "mdm": "`temperature` (0: greedy), `block_length` (the answer is decoded in blocks of this many tokens, "
+                   "the last one cut to fit), `steps` (model calls in all; 0: one per new token)"}
 
 
-def token_windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
-    """Flat ids -> (N, seq_len + 1) windows starting every `seq_len` ids: a view, nothing is copied."""
-    count = (len(tokens) - 1) // seq_len
+def language_model_kind(objective: str) -> ModelKind:
+    """What every version of one objective's registered language model is."""
+    return ModelKind("text", "language-model", objective)
+
+
+def language_model_description(name: str, objective: str) -> str:
+    """The registered language model's description: what it holds, which stage registers it, how to load it."""
+    return (f"{OBJECTIVE_NAMES[objective].capitalize()} language model of the text track, pretrained on the "
+            f"text corpus. Every version is registered by the DVC stage `text_pretrain@{objective}`. {ALIASES}\n\n"
+            f"Load: `mlflow.pyfunc.load_model(\"models:/{name}@challenger\").predict([\"The \"], "
+            "params={\"max_new_tokens\": 20})` -> one continuation per prompt; `max_new_tokens` may be anything "
+            f"from 1 to the model's context and beyond; the other sampler params: {SAMPLERS[objective]}, `seed`. "
+            f"Or: `python -m pipeline_lib.text.generate models:/{name}@challenger --prompt \"The \"`.")
+
+
+def window_count(num_tokens: int, seq_len: int, split: str = "training") -> int:
+    """How many windows of `seq_len + 1` ids, starting every `seq_len` ids, `num_tokens` ids hold (at least one).
+
+    Raises:
+        ConfigError: naming `text_model.seq_len` when not even one window fits.
+    """
+    count = (num_tokens - 1) // seq_len
     if count < 1:
-        raise ValueError(f"{len(tokens)} tokens are too few for one window of text_model.seq_len={seq_len} + 1")
+        raise ConfigError(f"text_model.seq_len={seq_len}: the {num_tokens} {split} tokens are too few for one window "
+                          f"of text_model.seq_len + 1 (accepted: at most {num_tokens - 1})")
+    return count
+
+
+def token_windows(tokens: np.ndarray, seq_len: int, split: str = "training") -> np.ndarray:
+    """Flat ids -> (N, seq_len + 1) windows starting every `seq_len` ids: a view, nothing is copied."""
+    count = window_count(len(tokens), seq_len, split)
     return np.lib.stride_tricks.sliding_window_view(tokens[: count * seq_len + 1], seq_len + 1)[::seq_len]
 
 
@@ -166,6 +197,20 @@ def describe(model: TransformerLM, trained: nn.Module) -> str:
     return text
 
 
+def check_inputs(params: Params, paths: LMPaths) -> None:
+    """The params that only the prepared text decides, checked by the stage before its MLflow run from
+    meta.json: `text_model.seq_len` against the training tokens (`window_count`), and with `hparams: manual`
+    `text_pretrain.batch_size` against the windows (and the processes); `auto` caps its batch at them itself.
+
+    Raises:
+        ConfigError: naming the key; DataError: no prepared text.
+    """
+    meta = read_text_meta(paths.data)
+    windows = window_count(meta["num_tokens"]["train"], params.text_model.seq_len)
+    if params.text_pretrain.hparams == "manual":
+        check_batch_size(params.text_pretrain, windows, "training windows of text_model.seq_len + 1 tokens")
+
+
 def run_text_pretrain(params: Params, paths: LMPaths, objective: str, tracker: Tracker,
                       device: torch.device) -> dict[str, Any]:
     """Train the language model (resuming a matching checkpoint); rank 0 writes the model, metrics and curve."""
@@ -211,11 +256,12 @@ def run_text_pretrain(params: Params, paths: LMPaths, objective: str, tracker: T
 def write_outputs(params: Params, paths: LMPaths, objective: str, trainer: Trainer, summary: dict[str, Any],
                   tracker: Tracker) -> None:
     """Model folder, loss curve and metrics, each written aside and renamed into place; the model is registered
-    in MLflow as a version of `tracking.lm_model` tagged with its objective, and `run.json` points at it."""
+    in MLflow as a version of `<tracking.lm_model>-<objective>`, and `run.json` points at it."""
     from pipeline_lib.eval.plots import write_csv
     from pipeline_lib.registry import register_model
     from pipeline_lib.text.generate import LanguageModel
 
+    name = params.tracking.lm_name(objective)
     model = exported(trainer.model)  # without multi-token prediction modules
     with staged_dir(paths.plots) as plots:
         write_csv(plots / "loss.csv", trainer.history, ["step", "loss", "lr"])
@@ -229,11 +275,14 @@ def write_outputs(params: Params, paths: LMPaths, objective: str, trainer: Train
     version = None
     if tracker.run_id is not None:
         example = load_tokenizer(paths.data / TOKENIZER_FILE).decode(read_tokens(paths.data, "train")[:16].tolist())
-        version = register_model(LanguageModel(), paths.out, name=params.tracking.lm_model, artifact_name="lm",
-                                 input_example=[example], inference_params=LanguageModel.default_params(model.max_len),
-                                 tags={**tracker.lineage, "objective": objective})
-    write_run_record(paths.out / "run.json", tracker, objective=objective, model_name=params.tracking.lm_model,
-                     model_version=version)
+        version = register_model(LanguageModel(), paths.out, name=name, kind=language_model_kind(objective),
+                                 artifact_name="lm", input_example=[example],
+                                 inference_params=LanguageModel.default_params(model.max_len), tags=tracker.lineage,
+                                 description=language_model_description(name, objective),
+                                 headline=f"training loss {summary['loss']:.4f} after {summary['steps']} steps "
+                                          f"(text_pretrain@{objective}); text_evaluate replaces this line with the "
+                                          "validation bits per character")
+    write_run_record(paths.out / "run.json", tracker, objective=objective, model_name=name, model_version=version)
     write_json_atomic(paths.metrics, summary)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline_lib.config import ConfigError
 from pipeline_lib.models.transformer import TransformerLM
 from pipeline_lib.text.sampling import generate_ar, generate_mdm
 from pipeline_lib.text.tasks import ANSWER_CLOSE, ANSWER_OPEN, Example, format_answer
@@ -61,10 +62,16 @@ def prompt_length(prompts: Sequence[str], tokenizer: Tokenizer) -> int:
 
 
 def check_fits(prompt_len: int, answer_tokens: int, max_len: int) -> None:
-    """Refuse a layout longer than the model's context, naming the keys that set it."""
+    """Refuse a layout longer than the model's context, naming the keys that set it.
+
+    Raises:
+        ConfigError: naming `text_task.answer_tokens` and `text_model.seq_len`.
+    """
     if prompt_len + answer_tokens > max_len:
-        raise ValueError(f"the longest prompt ({prompt_len} tokens) + text_task.answer_tokens={answer_tokens} "
-                         f"exceed the model's context text_model.seq_len={max_len}")
+        room = max_len - prompt_len
+        accepted = f"at most {room}" if room >= 1 else f"none: raise text_model.seq_len above {prompt_len}"
+        raise ConfigError(f"text_task.answer_tokens={answer_tokens}: with the longest prompt ({prompt_len} tokens) "
+                          f"exceeds the model's context text_model.seq_len={max_len} (accepted: {accepted})")
 
 
 def encode_prompts(prompts: Sequence[str], tokenizer: Tokenizer, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,18 +90,24 @@ def encode_prompts(prompts: Sequence[str], tokenizer: Tokenizer, prompt_len: int
 
 def encode_examples(examples: Sequence[Example], tokenizer: Tokenizer, *, prompt_len: int, answer_tokens: int,
                     split: str) -> Rows:
-    """Training rows of `examples` (see the module docstring); a completion over `answer_tokens` is an error
-    naming the split, the example and the key."""
+    """Training rows of `examples` (see the module docstring).
+
+    Raises:
+        ConfigError: the longest completion is over `answer_tokens`, naming the key, the split and the example.
+    """
     eos = tokenizer.token_id(EOS)  # type: ignore[attr-defined]
     ids, real = encode_prompts([example.prompt for example in examples], tokenizer, prompt_len)
     roles = np.where(real, ROLE.PROMPT, ROLE.PAD).astype(np.int8)
     answers = np.full((len(examples), answer_tokens), eos, dtype=np.int64)
     answer_roles = np.full((len(examples), answer_tokens), ROLE.FILL, dtype=np.int8)
-    for row, example in enumerate(examples):
-        completion = [*tokenizer.encode(format_answer(example.answer)), eos]
-        if len(completion) > answer_tokens:
-            raise ValueError(f"{split} example {row} ({example.prompt!r} -> {example.answer!r}): its completion "
-                             f"takes {len(completion)} tokens with <eos>, over text_task.answer_tokens={answer_tokens}")
+    completions = [[*tokenizer.encode(format_answer(example.answer)), eos] for example in examples]
+    longest = max(range(len(examples)), key=lambda row: len(completions[row]), default=None)
+    if longest is not None and len(completions[longest]) > answer_tokens:
+        example, need = examples[longest], len(completions[longest])
+        raise ConfigError(f"text_task.answer_tokens={answer_tokens}: the longest {split} completion, example {longest} "
+                          f"({example.prompt!r} -> {example.answer!r}), takes {need} tokens with its answer tags and "
+                          f"<eos> (accepted: >= {need})")
+    for row, completion in enumerate(completions):
         answers[row, : len(completion)] = completion
         answer_roles[row, : len(completion)] = ROLE.ANSWER
     return Rows(np.concatenate([ids, answers], axis=1), np.concatenate([roles, answer_roles], axis=1))
@@ -113,7 +126,7 @@ def complete(model: TransformerLM, objective: str, prompt_ids: Tensor, key_mask:
         out = generate_ar(model, prompt_ids, max_new_tokens=answer_tokens, temperature=temperature,
                           generator=generator, key_mask=key_mask)
     elif objective == "mdm":
-        out = generate_mdm(model, prompt_ids, gen_length=answer_tokens, steps=answer_tokens,
+        out = generate_mdm(model, prompt_ids, gen_length=answer_tokens, steps=None,
                            block_length=block_length, temperature=temperature, mask_id=model.mask_id,
                            generator=generator, key_mask=key_mask)
     else:

@@ -7,7 +7,11 @@
   al. 2025, "Large Language Diffusion Models", https://arxiv.org/abs/2502.09992, Appendix B.2 and the official
   `generate.py`). The answer starts all MASK and is decoded block by block, left to right; at each step the
   model predicts every masked position, and the k most confident predictions of the current block are
-  committed while the rest stay masked, k following `schedule`.
+  committed while the rest stay masked, k following `schedule`. Two extensions of the official sampler, which
+  change nothing where it applies (a `block_length` dividing `gen_length`, a sequence within `max_len`):
+  blocks cut to fit (the last block is shorter when `block_length` does not divide `gen_length`) and a sliding
+  window (a prompt and answer longer than `max_len` are decoded block by block in a window of `max_len`
+  positions, as `generate_ar` crops its context).
 
 Both run under `torch.no_grad()`; put the model in eval mode first. Randomness comes from a `torch.Generator` on
 the device of the prompt (the noise has the logits' size, so it is drawn where they are), or the global RNG when
@@ -97,24 +101,54 @@ def schedule(masked_count: int, steps: int) -> list[int]:
     return [base + (step < remainder) for step in range(steps)]
 
 
-def _check_mdm_args(model: TransformerLM, prompt_ids: Tensor, *, gen_length: int, steps: int, block_length: int,
-                    temperature: float, mask_id: int) -> int:
-    """Validate `generate_mdm`'s arguments; return the number of blocks."""
+def _check_mdm_args(model: TransformerLM, prompt_ids: Tensor, *, gen_length: int, steps: int | None,
+                    block_length: int, temperature: float, mask_id: int) -> tuple[int, int]:
+    """Validate `generate_mdm`'s arguments; return the block size in use and the number of blocks."""
     _check_prompt(prompt_ids, temperature)
-    if gen_length < 1 or block_length < 1:
-        raise ValueError(f"gen_length={gen_length} and block_length={block_length} must be >= 1")
-    if gen_length % block_length:
-        raise ValueError(f"gen_length={gen_length} must be a multiple of block_length={block_length}")
-    num_blocks = gen_length // block_length
-    if steps < 1 or steps % num_blocks:
-        raise ValueError(f"steps={steps} must be a positive multiple of the number of blocks "
-                         f"gen_length / block_length = {num_blocks}")
-    if prompt_ids.shape[1] + gen_length > model.max_len:
-        raise ValueError(f"prompt ({prompt_ids.shape[1]}) + gen_length ({gen_length}) exceeds the model's "
-                         f"max_len={model.max_len}")
+    if gen_length < 1:
+        raise ValueError(f"gen_length={gen_length}: must be >= 1")
+    if block_length < 1:
+        raise ValueError(f"block_length={block_length}: must be >= 1")
+    size = min(block_length, gen_length, model.max_len)  # a block fits the answer and the model's window
+    num_blocks = -(-gen_length // size)  # ceil
+    if steps is not None and (steps < 1 or steps % num_blocks):
+        capped = f" (block_length={block_length} capped at max_len={model.max_len})" if size < min(
+            block_length, gen_length) else ""
+        raise ValueError(f"steps={steps}: must be a positive multiple of the number of blocks ceil(gen_length / "
+                         f"block_length) = ceil({gen_length} / {size}) = {num_blocks}{capped}, or None for one "
+                         f"model call per answer token")
     if (prompt_ids == mask_id).any():
         raise ValueError(f"prompt_ids contain the mask id {mask_id}")
-    return num_blocks
+    return size, num_blocks
+
+
+def blocks(prompt_length: int, gen_length: int, block_length: int) -> list[tuple[int, int]]:
+    """The [start, end) sequence positions of each block: `block_length` tokens each, the last cut to fit.
+
+    Examples:
+        >>> blocks(2, 10, 4)
+        [(2, 6), (6, 10), (10, 12)]
+    """
+    end = prompt_length + gen_length
+    return [(start, min(start + block_length, end)) for start in range(prompt_length, end, block_length)]
+
+
+def window(block_end: int, length: int, max_len: int) -> tuple[int, int]:
+    """The [first, last) positions of a `length`-position sequence that the model reads while it decodes the
+    block ending at `block_end`.
+
+    The whole sequence while it fits (`length <= max_len`); otherwise `max_len` positions: those ending at the
+    block's end, or the first `max_len` while the block ends within them (later masked positions stay visible,
+    as they are when the sequence fits). RoPE is relative, so a window reads like a sequence of its own.
+
+    Examples:
+        >>> window(6, 12, 16), window(6, 20, 8), window(14, 20, 8)
+        ((0, 12), (0, 8), (6, 14))
+    """
+    if length <= max_len:
+        return 0, length
+    first = max(block_end - max_len, 0)
+    return first, first + max_len
 
 
 def _predict(logits: Tensor, *, temperature: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
@@ -141,7 +175,7 @@ def generate_mdm(
     prompt_ids: Tensor,
     *,
     gen_length: int,
-    steps: int,
+    steps: int | None,
     block_length: int,
     temperature: float,
     mask_id: int,
@@ -150,40 +184,56 @@ def generate_mdm(
 ) -> Tensor:
     """LLaDA sampling: (B, P) prompt -> (B, P + gen_length) ids, the answer decoded from all MASK.
 
-    The answer is split into gen_length / block_length blocks, decoded left to right with steps / num_blocks
-    steps each. A step runs the model on the whole sequence, predicts the current block's positions (`_predict`;
-    no other position can be committed, so no other is predicted) and commits the
-    `schedule(block_length, steps_per_block)[step]` most confident masked positions of the block; later blocks
-    stay masked until their turn (they are still read by the bidirectional model). The prompt is never changed
-    and every answer position is committed exactly once, so no MASK remains.
+    The answer is split into blocks of `block_length` tokens (`blocks`), the last one shorter when
+    `block_length` does not divide `gen_length`, decoded left to right. Block b of n_b tokens gets
+    min(steps / num_blocks, n_b) model calls (never more calls than tokens; `steps=None`: n_b, one per token).
+    A call runs the model on the window of the sequence that holds the block (`window`: the whole sequence
+    while P + gen_length <= model.max_len, else `max_len` positions ending at the block's end, or the first
+    `max_len`), predicts the block's positions (`_predict`; no other position can be committed, so no other is
+    predicted) and commits the `schedule(n_b, calls)[call]` most confident masked positions of the block; later
+    blocks stay masked until their turn (those inside the window are still read by the bidirectional model).
+    The prompt is never changed and every answer position is committed exactly once, so no MASK remains.
+
+    Where the official sampler applies (`block_length` divides `gen_length`, P + gen_length <= max_len,
+    steps <= gen_length) the output is that of this loop before the two extensions, draw for draw for a given
+    generator (the pipeline's committed figures rely on it; a test pins it against a copy of the old loop). With
+    more steps than answer tokens the old loop made calls that committed nothing; they are skipped now (greedy
+    output unchanged; sampled output differs from the second block on, as the skipped calls drew noise).
 
     Args:
         model: a bidirectional `TransformerLM` with a mask token (anything with `max_len` and (B, T) ids ->
             (B, T, V) logits, V <= mask_id).
-        prompt_ids: (B, P) ids, P >= 1, without the mask id.
-        gen_length: answer tokens; P + gen_length <= model.max_len.
-        steps: model calls in all, a multiple of the number of blocks.
-        block_length: tokens per block, dividing gen_length (gen_length itself: one block, no semi-AR).
+        prompt_ids: (B, P) ids, P >= 1, without the mask id; the model reads at most `max_len` positions, so a
+            long prompt's start drops out of the window as the answer grows.
+        gen_length: answer tokens, >= 1; any length (beyond `max_len - P` the window slides).
+        steps: model calls in all, a positive multiple of the number of blocks ceil(gen_length / block_length);
+            None: one call per answer token.
+        block_length: tokens per block, >= 1; capped at `gen_length` (one block, no semi-AR) and at
+            `model.max_len` (a block must fit the window).
         temperature: Gumbel noise scale; 0 commits the argmax.
         mask_id: the MASK id, outside the model's vocabulary.
         generator: source of the Gumbel noise, on the device of `prompt_ids` (None: the global RNG).
-        key_mask: (B, P) bool, False at the padding of left-padded prompts of unequal length (None: no padding).
+        key_mask: (B, P) bool, False at the padding of left-padded prompts of unequal length (None: no padding);
+            windowed with the ids.
     """
-    num_blocks = _check_mdm_args(model, prompt_ids, gen_length=gen_length, steps=steps, block_length=block_length,
-                                 temperature=temperature, mask_id=mask_id)
+    size, num_blocks = _check_mdm_args(model, prompt_ids, gen_length=gen_length, steps=steps,
+                                       block_length=block_length, temperature=temperature, mask_id=mask_id)
     B, P = prompt_ids.shape
     answer = torch.full((B, gen_length), mask_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
     x = torch.cat([prompt_ids, answer], dim=1)  # (B, P + gen_length)
     rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
     real = None if key_mask is None else torch.cat([key_mask, torch.ones_like(answer, dtype=torch.bool)], dim=1)
-    for block in range(num_blocks):
-        start, end = P + block * block_length, P + (block + 1) * block_length  # the block being decoded
-        for count in schedule(block_length, steps // num_blocks):
-            logits = model(x) if real is None else model(x, key_mask=real)  # (B, T, V)
+    for start, end in blocks(P, gen_length, size):  # the block being decoded
+        first, last = window(end, x.shape[1], model.max_len)
+        calls = end - start if steps is None else min(steps // num_blocks, end - start)
+        for count in schedule(end - start, calls):
+            view = x[:, first:last]  # (B, W), W <= max_len; a view, so it sees the commits
+            logits = model(view) if real is None else model(view, key_mask=real[:, first:last])  # (B, W, V)
             if logits.shape[-1] > mask_id:
                 raise ValueError(f"mask_id={mask_id} is inside the model's {logits.shape[-1]}-token vocabulary")
-            # Only the block's positions can be committed: predict those alone (B, block_length) each.
-            predicted, confidence = _predict(logits[:, start:end], temperature=temperature, generator=generator)
+            # Only the block's positions can be committed: predict those alone (B, end - start) each.
+            predicted, confidence = _predict(logits[:, start - first : end - first], temperature=temperature,
+                                             generator=generator)
             confidence = confidence.masked_fill(x[:, start:end] != mask_id, float("-inf"))
             chosen = torch.topk(confidence, count, dim=1).indices  # (B, count), all masked: count <= remaining
             x[rows, start + chosen] = predicted[rows, chosen]

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline_lib.config import Params, TextTaskParams
+from pipeline_lib.config import ConfigError, Params, TextTaskParams
 from pipeline_lib.outputs import staged_dir
 from pipeline_lib.rewards.text import CHECKERS, DEFAULT_CHECKER, Checker
-from pipeline_lib.text.tasks import TASKS, Example, load_jsonl, make_splits, write_jsonl
+from pipeline_lib.text.tasks import TASKS, Example, load_jsonl, make_splits, prompts_available, write_jsonl
 
 SPLITS = ("train", "rl", "test")
 META_FILE = "meta.json"
@@ -42,6 +42,44 @@ def _options(cfg: TextTaskParams) -> dict[str, int]:
     return {name: getattr(cfg, name) for name in TASKS[cfg.kind].defaults}
 
 
+def _option_keys(cfg: TextTaskParams) -> str:
+    return ", ".join(f"text_task.{name}" for name in TASKS[cfg.kind].defaults)
+
+
+def split_file(cfg: TextTaskParams, name: str) -> Path:
+    """The JSONL file `text_task.<name>_path` names; a ConfigError if there is none."""
+    path = Path(getattr(cfg, f"{name}_path"))
+    if not path.is_file():
+        raise ConfigError(f"text_task.{name}_path={str(path)!r}: no such file")
+    return path
+
+
+def check_inputs(params: Params) -> None:
+    """What the text_task stage checks before its MLflow run: the JSONL files exist, or the generated kind has
+    as many distinct prompts as the three splits ask for (`tasks.prompts_available`).
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    cfg = params.text_task
+    if cfg.source == "jsonl":
+        for name in SPLITS:
+            split_file(cfg, name)
+        return
+    total = cfg.train_size + cfg.rl_size + cfg.test_size
+    try:
+        available = prompts_available(cfg.kind, total, **_options(cfg))
+    except ValueError as err:  # an option out of range for the kind
+        raise ConfigError(f"text_task.kind={cfg.kind!r}: {err} (keys {_option_keys(cfg)})") from err
+    if available is not None:
+        raise ConfigError(
+            f"text_task.train_size={cfg.train_size}: with text_task.rl_size={cfg.rl_size} and "
+            f"text_task.test_size={cfg.test_size} the splits ask for {total} distinct prompts, but {cfg.kind} with "
+            f"{_options(cfg)} has only {available} (accepted: sizes adding up to at most {available}; or raise "
+            f"{_option_keys(cfg)})"
+        )
+
+
 def build_splits(cfg: TextTaskParams, seed: int) -> dict[str, list[Example]]:
     """Draw or read the splits; every error names the params key or the file and line."""
     if cfg.source == "generate":
@@ -49,14 +87,8 @@ def build_splits(cfg: TextTaskParams, seed: int) -> dict[str, list[Example]]:
             return make_splits(cfg.kind, {"train": cfg.train_size, "rl": cfg.rl_size, "test": cfg.test_size},
                                seed, **_options(cfg))
         except ValueError as err:
-            keys = ", ".join(f"text_task.{name}" for name in TASKS[cfg.kind].defaults)
-            raise ValueError(f"text_task (kind {cfg.kind}; {keys}, *_size): {err}") from err
-    splits = {}
-    for name in SPLITS:
-        path = Path(getattr(cfg, f"{name}_path"))
-        if not path.is_file():
-            raise FileNotFoundError(f"text_task.{name}_path={str(path)!r}: no such file")
-        splits[name] = load_jsonl(path)
+            raise ValueError(f"text_task (kind {cfg.kind}; {_option_keys(cfg)}, *_size): {err}") from err
+    splits = {name: load_jsonl(split_file(cfg, name)) for name in SPLITS}
     seen: dict[str, str] = {}
     for name, examples in splits.items():
         for example in examples:

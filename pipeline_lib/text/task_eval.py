@@ -24,13 +24,14 @@ import torch
 
 from pipeline_lib.config import Params
 from pipeline_lib.models.transformer import TransformerLM
+from pipeline_lib.registry import annotate
 from pipeline_lib.rewards.text import Checker, accuracy_reward, format_reward
 from pipeline_lib.text.lm import OBJECTIVES, load_lm
 from pipeline_lib.text.rollout import complete, decode_completions, encode_prompts
 from pipeline_lib.text.task_data import read_task
 from pipeline_lib.text.tasks import Example
 from pipeline_lib.text.tokenizer import Tokenizer
-from pipeline_lib.tracking import Tracker
+from pipeline_lib.tracking import Tracker, read_run_record
 
 EVAL_BATCH = 256
 
@@ -112,9 +113,6 @@ def run_task_evaluate(params: Params, task_folder: Path, models: dict[str, Path]
         model, tokenizer, config = load_lm(folder)
         if "task" not in config:
             raise ValueError(f"--model {name}={folder}: not a task model (config.json has no 'task')")
-        if config["objective"] == "mdm" and config["task"]["answer_tokens"] % cfg.block_length:
-            raise ValueError(f"text_task_evaluate.block_length={cfg.block_length} must divide "
-                             f"text_task.answer_tokens={config['task']['answer_tokens']} ({name})")
         loaded[name] = (model, tokenizer, config)
     summary: dict[str, Any] = {}
     for name, (model, tokenizer, config) in loaded.items():
@@ -135,4 +133,12 @@ def run_task_evaluate(params: Params, task_folder: Path, models: dict[str, Path]
     summary["test_prompts"] = len(data.splits["test"])
     tracker.log_metrics({f"{group}.{key}": value for group, values in summary.items() if isinstance(values, dict)
                          for key, value in values.items()})
+    if tracker.run_id is not None:  # each model's run (and registered version) gets its test figures
+        for name, folder in models.items():
+            metrics = summary[name]
+            figures = {f"test.{key}": value for key, value in metrics.items() if key != "eval_seconds"}
+            annotate(read_run_record(folder), figures,
+                     headline=f"test exact match {metrics['accuracy']:.4f} (greedy), format rate "
+                              f"{metrics['format_rate']:.4f}, pass@{cfg.pass_k} {metrics[f'pass_at_{cfg.pass_k}']:.4f} "
+                              f"on {summary['test_prompts']} test prompts (text_task_evaluate)")
     return summary

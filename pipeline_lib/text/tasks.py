@@ -267,6 +267,16 @@ def num_prompts(kind: str, **options: int) -> int:
     return task.count(**resolved)
 
 
+def prompts_available(kind: str, total: int, **options: int) -> int | None:
+    """The number of distinct prompts of `kind` with `options` when it is below `total`, else None: what
+    `make_splits` checks before drawing (counted only when `total` exceeds the kind's cheap lower bound)."""
+    task, resolved = _resolve_options(kind, options)
+    if total <= task.at_least(**resolved):
+        return None
+    available = task.count(**resolved)
+    return available if total > available else None
+
+
 def _check_sizes(sizes: Mapping[str, int]) -> int:
     """The total of `sizes`, after checking every split has a name and a positive integer size."""
     if not sizes:
@@ -300,12 +310,11 @@ def make_splits(kind: str, sizes: Mapping[str, int], seed: int, **options: int) 
     task, resolved = _resolve_options(kind, options)
     total = _check_sizes(sizes)
     rng = _as_rng(seed)
-    if total > task.at_least(**resolved):
-        available = task.count(**resolved)
-        if total > available:
-            raise ValueError(
-                f"{kind} with {resolved}: {total} distinct prompts asked ({dict(sizes)}), only {available} available"
-            )
+    available = prompts_available(kind, total, **resolved)
+    if available is not None:
+        raise ValueError(
+            f"{kind} with {resolved}: {total} distinct prompts asked ({dict(sizes)}), only {available} available"
+        )
     unique: dict[str, Example] = {}
     max_draws = _DRAWS_PER_PROMPT * total + _EXTRA_DRAWS
     for _ in range(max_draws):

@@ -41,7 +41,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from pipeline_lib import dist
-from pipeline_lib.config import TrainParams
+from pipeline_lib.config import ConfigError, TrainParams
 from pipeline_lib.data.augment import AugmentConfig, BatchAugment
 from pipeline_lib.models.moe import ExpertBalancer
 from pipeline_lib.models.preprocess import Preprocess
@@ -100,6 +100,28 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def check_batch_size(cfg: TrainParams, num_samples: int, samples: str = "training images") -> None:
+    """The base trainer's rules for `<section>.batch_size` against the data and the processes: each micro-step's
+    global micro-batch splits evenly over the processes, and an epoch holds at least one whole batch.
+
+    A stage calls this before its MLflow run, with the size of the split it trains on (`samples` names it).
+
+    Raises:
+        ConfigError: naming `<section>.batch_size`.
+    """
+    key, world = f"{cfg.section}.batch_size", dist.world_size()
+    micro_global = cfg.batch_size // cfg.accumulation_steps
+    if micro_global % world:
+        raise ConfigError(
+            f"{key}={cfg.batch_size}: {cfg.batch_size} / {cfg.section}.accumulation_steps={cfg.accumulation_steps} "
+            f"= {micro_global} samples per micro-step must divide evenly over {world} processes "
+            f"(accepted: multiples of {cfg.accumulation_steps * world})"
+        )
+    if cfg.batch_size > num_samples:
+        raise ConfigError(f"{key}={cfg.batch_size}: is larger than the {num_samples} {samples} (accepted: at most "
+                          f"{num_samples}; an epoch holds at least one whole batch)")
+
+
 class Trainer:
     """Runs the optimisation loop for a model whose loss a subclass defines."""
 
@@ -125,18 +147,10 @@ class Trainer:
         self.tracker, self.fingerprint = tracker, fingerprint
         self.checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME
         self.world, self.rank = dist.world_size(), dist.rank()
+        check_batch_size(cfg, len(images))
         micro_global = cfg.batch_size // cfg.accumulation_steps
-        if micro_global % self.world:
-            raise ValueError(
-                f"{cfg.section}.batch_size={cfg.batch_size} / accumulation_steps={cfg.accumulation_steps} "
-                f"= {micro_global} images per micro-step must divide evenly over {self.world} processes"
-            )
         self.micro_global, self.micro_local = micro_global, micro_global // self.world
         self.steps_per_epoch = len(images) // cfg.batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"{cfg.section}.batch_size={cfg.batch_size} is larger than the {len(images)} training images"
-            )
         updates = self.updates_per_batch()
         self.total_steps = cfg.epochs * self.steps_per_epoch * updates
         self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch * updates)

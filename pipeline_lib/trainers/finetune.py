@@ -29,10 +29,10 @@ from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 
 from pipeline_lib import dist
-from pipeline_lib.config import FinetuneParams, ModelParams, Params, flatten, params_hash
+from pipeline_lib.config import ConfigError, FinetuneParams, ModelParams, Params, flatten, params_hash
 from pipeline_lib.data.augment import AugmentConfig
 from pipeline_lib.data.download import DataError, sha256_file
-from pipeline_lib.data.store import prepared_digest, read_split
+from pipeline_lib.data.store import image_origin, prepared_digest, read_meta, read_split
 from pipeline_lib.models.classifier import attach_head, head_only_train
 from pipeline_lib.models.compound import log_model_size
 from pipeline_lib.models.factory import (
@@ -40,7 +40,9 @@ from pipeline_lib.models.factory import (
     CONFIG_FILE,
     ENCODER_FILE,
     build_encoder,
+    check_encoder_input,
     load_network,
+    read_network_config,
     resolve_params,
     save_network,
     saved_model_params,
@@ -48,7 +50,7 @@ from pipeline_lib.models.factory import (
 from pipeline_lib.models.preprocess import Preprocess
 from pipeline_lib.outputs import staged_dir
 from pipeline_lib.tracking import Tracker, read_run_record, write_json_atomic, write_run_record
-from pipeline_lib.trainers.base import AugmentingTrainer, Batch, Trainer, code_digest, step_seed
+from pipeline_lib.trainers.base import AugmentingTrainer, Batch, Trainer, check_batch_size, code_digest, step_seed
 
 
 class FinetuneTrainer(AugmentingTrainer):
@@ -141,18 +143,41 @@ def fingerprint(params: Params, paths: FinetunePaths) -> str:
 
 
 def check_encoder(config: dict[str, Any], model: ModelParams, encoder_dir: Path) -> None:
-    """The pretrained encoder must have the architecture `params.yaml` declares, else finetuning is not the
-    experiment the params describe. `model` is the resolved spec (compound scaling applied), as the encoder
-    saved it."""
+    """The pretrained encoder (its `config.json`) must be an encoder with the architecture `params.yaml`
+    declares, else finetuning is not the experiment the params describe. `model` is the resolved spec
+    (compound scaling applied), as the encoder saved it.
+
+    Raises:
+        ValueError: the folder holds a classifier; ConfigError: a `model.*` key differs from the encoder's.
+    """
+    if config.get("num_classes", 0):
+        raise ValueError(f"{encoder_dir} holds a classifier, not a pretrained encoder")
     built = dataclasses.asdict(saved_model_params(config))
     for key, value in dataclasses.asdict(model).items():
         if key == "img_size" and value is None:  # null: the data's size, which the encoder recorded
             continue
         if built[key] != value:
-            raise ValueError(
-                f"model.{key}={value!r}, but the encoder in {encoder_dir} was pretrained with {key}={built[key]!r} "
+            raise ConfigError(
+                f"model.{key}={value!r}: must match the encoder in {encoder_dir}, pretrained with {key}={built[key]!r} "
                 f"(both after compound scaling); rerun pretraining (dvc repro) or set the model section back"
             )
+
+
+def check_inputs(params: Params, paths: FinetunePaths) -> None:
+    """The params that only the prepared data and the pretrained encoder decide, checked by the stage before
+    its MLflow run from meta.json and config.json: the encoder for the images' side
+    (`factory.check_encoder_input`), the `model` section against the pretrained encoder (`check_encoder`), and
+    `finetune.batch_size` against the labeled split (and the processes).
+
+    Raises:
+        ConfigError: naming the key; DataError, FileNotFoundError, ValueError: missing or wrong inputs.
+    """
+    meta = read_meta(paths.data, "labeled")
+    count, height = meta["shape"][:2]
+    resolved, _ = check_encoder_input(params, data_img_size=height, origin=image_origin(meta, paths.data))
+    if paths.encoder is not None:
+        check_encoder(read_network_config(paths.encoder), resolved.model, paths.encoder)
+    check_batch_size(params.finetune, count, "labeled images")
 
 
 def build_classifier(params: Params, paths: FinetunePaths, *, in_chans: int, img_size: int, num_classes: int,
@@ -166,8 +191,6 @@ def build_classifier(params: Params, paths: FinetunePaths, *, in_chans: int, img
     if paths.encoder is not None:
         encoder, preprocess, config = load_network(paths.encoder, drop_path_rate=cfg.drop_path_rate)
         check_encoder(config, params.model, paths.encoder)
-        if config.get("num_classes", 0):
-            raise ValueError(f"{paths.encoder} holds a classifier, not a pretrained encoder")
     else:
         encoder = build_encoder(params.model, in_chans=in_chans, img_size=img_size,
                                 drop_path_rate=cfg.drop_path_rate)
@@ -231,8 +254,8 @@ def write_outputs(params: Params, paths: FinetunePaths, trainer: Trainer, summar
     """Classifier + config, loss curve and metrics, each written aside and moved in; the classifier is
     registered (when asked) and `run.json` points at the run and the model version."""
     from pipeline_lib.eval.plots import write_csv
-    from pipeline_lib.registry import register_model
-    from pipeline_lib.serving import ClassifierModel
+    from pipeline_lib.registry import model_uri, register_model
+    from pipeline_lib.serving import CLASSIFIER, ClassifierModel, classifier_description
 
     upstream = read_run_record(paths.encoder) if paths.encoder is not None else {}
     with staged_dir(paths.plots) as plots:
@@ -250,9 +273,14 @@ def write_outputs(params: Params, paths: FinetunePaths, trainer: Trainer, summar
     tracker.flush()
     version = None
     if register and tracker.run_id is not None:
+        name = params.tracking.classifier_model
         version = register_model(
-            ClassifierModel(), paths.out, name=params.tracking.classifier_model, artifact_name="classifier",
+            ClassifierModel(), paths.out, name=name, kind=CLASSIFIER, artifact_name="classifier",
             input_example=np.asarray(trainer.images[:2]), tags=tracker.lineage,
+            description=classifier_description(name),
+            headline=f"train accuracy {summary['train_accuracy']:.4f} after {summary['steps']} steps (finetune "
+                     "stage); the evaluate stage replaces this line with the test figures",
+            started_from=model_uri(upstream.get("model_name"), upstream.get("model_version")),
         )
     record = {"model_name": params.tracking.classifier_model, "model_version": version} if register else {}
     write_run_record(paths.out / "run.json", tracker, **record)

@@ -18,20 +18,20 @@ import torch
 from torch import Tensor, nn
 
 from pipeline_lib import dist
-from pipeline_lib.config import ModelParams, Params, PretrainParams, flatten, params_hash
+from pipeline_lib.config import ConfigError, ModelParams, Params, PretrainParams, flatten, params_hash
 from pipeline_lib.data.augment import AugmentConfig
 from pipeline_lib.data.download import DataError
-from pipeline_lib.data.store import prepared_digest, read_split
+from pipeline_lib.data.store import image_origin, prepared_digest, read_meta, read_split
 from pipeline_lib.eval.knn import knn_accuracy
 from pipeline_lib.losses.contrastive import CONTRASTIVE_LOSSES, mocov3_loss
 from pipeline_lib.models.compound import log_model_size
 from pipeline_lib.models.contrastive import MoCoV3, SimCLR
-from pipeline_lib.models.factory import build_encoder, is_vit, resolve_params, save_network
+from pipeline_lib.models.factory import build_encoder, check_encoder_input, is_vit, resolve_params, save_network
 from pipeline_lib.models.mae import MaskedAutoencoder
 from pipeline_lib.models.preprocess import Preprocess
 from pipeline_lib.outputs import staged_dir
 from pipeline_lib.tracking import Tracker
-from pipeline_lib.trainers.base import AugmentingTrainer, Batch, FitResult, Trainer, code_digest
+from pipeline_lib.trainers.base import AugmentingTrainer, Batch, FitResult, Trainer, check_batch_size, code_digest
 
 
 class MAETrainer(AugmentingTrainer):
@@ -93,13 +93,18 @@ class MoCoV3Trainer(TwoViewTrainer):
 TRAINERS: dict[str, type[Trainer]] = {"mae": MAETrainer, "simclr": SimCLRTrainer, "mocov3": MoCoV3Trainer}
 
 
+def check_method(cfg: PretrainParams, model: ModelParams) -> None:
+    """MAE removes patches: it needs a ViT encoder (`model` is the resolved spec)."""
+    if cfg.method == "mae" and not is_vit(model.name):
+        raise ConfigError(
+            f"pretrain.method='mae': needs a ViT encoder; model.name={model.name!r} is not a timm "
+            "VisionTransformer (accepted: 'vit', a timm ViT name, or pretrain.method simclr/mocov3)"
+        )
+
+
 def build_pretrain_model(cfg: PretrainParams, model: ModelParams, *, in_chans: int, img_size: int) -> nn.Module:
     """The method's model around a fresh encoder; its `.encoder` or `.backbone` is what gets exported."""
-    if cfg.method == "mae" and not is_vit(model.name):
-        raise ValueError(
-            f"pretrain.method='mae' needs a ViT encoder; model.name={model.name!r} is not a timm "
-            "VisionTransformer (use 'vit', a timm ViT name, or pretrain.method simclr/mocov3)"
-        )
+    check_method(cfg, model)
     encoder = build_encoder(model, in_chans=in_chans, img_size=img_size, drop_path_rate=cfg.drop_path_rate)
     if cfg.method == "mae":
         return MaskedAutoencoder(
@@ -146,6 +151,21 @@ class PretrainPaths:
     metrics: Path
     plots: Path
     checkpoints: Path
+
+
+def check_inputs(params: Params, paths: PretrainPaths) -> None:
+    """The params that only the prepared data decides, checked by the stage before its MLflow run, from the
+    unlabeled split's meta.json: the encoder for the images' side (`factory.check_encoder_input`), a ViT for
+    MAE, and `pretrain.batch_size` against the split (and the processes).
+
+    Raises:
+        ConfigError: naming the key; DataError: no prepared unlabeled split.
+    """
+    meta = read_meta(paths.data, "unlabeled")
+    count, height = meta["shape"][:2]
+    resolved, _ = check_encoder_input(params, data_img_size=height, origin=image_origin(meta, paths.data))
+    check_method(params.pretrain, resolved.model)
+    check_batch_size(params.pretrain, count, "unlabeled images")
 
 
 def run_pretrain(params: Params, paths: PretrainPaths, tracker: Tracker, device: torch.device) -> dict[str, Any]:
@@ -213,7 +233,7 @@ def write_outputs(params: Params, paths: PretrainPaths, trainer: Trainer, summar
 
     from pipeline_lib.eval.plots import pretrain_examples, write_csv
     from pipeline_lib.registry import register_model
-    from pipeline_lib.serving import EncoderModel
+    from pipeline_lib.serving import ENCODER, EncoderModel, encoder_description
     from pipeline_lib.tracking import write_json_atomic, write_run_record
 
     with staged_dir(paths.plots) as plots:
@@ -232,9 +252,13 @@ def write_outputs(params: Params, paths: PretrainPaths, trainer: Trainer, summar
     tracker.flush()
     version = None
     if tracker.run_id is not None:
+        name = params.tracking.encoder_model
+        headline = (f"kNN top-1 {summary['knn_top1']:.4f} on the test split (k={params.pretrain.knn_k}, the labeled "
+                    "split as memory)" if "knn_top1" in summary else f"final loss {summary['loss']:.4f}")
         version = register_model(
-            EncoderModel(), paths.out, name=params.tracking.encoder_model, artifact_name="encoder",
-            input_example=np.asarray(trainer.images[:2]), tags=tracker.lineage,
+            EncoderModel(), paths.out, name=name, kind=ENCODER, artifact_name="encoder",
+            input_example=np.asarray(trainer.images[:2]), tags=tracker.lineage, description=encoder_description(name),
+            headline=f"{headline} after {summary['steps']} steps of {params.pretrain.method} (pretrain stage)",
         )
     write_run_record(paths.out / "run.json", tracker, model_name=params.tracking.encoder_model, model_version=version)
     write_json_atomic(paths.metrics, summary)

@@ -90,7 +90,7 @@ def test_cost_matrix_of_the_wrong_shape_fails_before_training(finetuned: tuple[P
     costs = tmp_path / "costs.csv"
     np.savetxt(costs, np.ones((3, 3)), delimiter=",")
     params = tiny_params(reward={"type": "cost_matrix", "cost_matrix": str(costs)})
-    with pytest.raises(ValueError, match=r"reward.cost_matrix: shape \(3, 3\), expected 10 x 10"):
+    with pytest.raises(ValueError, match=r"rl\.reward\.cost_matrix='.*costs\.csv': shape \(3, 3\), expected 10 x 10"):
         run_rl(params, paths, Tracker(), torch.device("cpu"))
     assert not paths.checkpoints.exists() and not paths.out.exists()
 

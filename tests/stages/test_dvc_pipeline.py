@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,9 @@ def test_repro_then_noop_then_experiment(repo: Path) -> None:
     _check_rl(repo)
     _check_text(repo)
     _check_text_tasks(repo)
+    _check_registry(repo)
+    _check_task_gate(repo)
+    _check_git_dirty(repo, expected="false")  # a dvc repro of a committed project is clean in every run
     shown = _run(repo, "dvc", "metrics", "show")
     for key in ("ssl.top1", "scratch.top1", "gain.top1", "encoder.knn_top1", "encoder.linear_probe_top1",
                 "post_trained.reward_greedy", "baselines.bayes_reference.reward_greedy", "metrics/text/ngram.json",
@@ -68,8 +72,14 @@ def test_repro_then_noop_then_experiment(repo: Path) -> None:
     assert "up to date" in _run(repo, "dvc", "status")
 
     _run(repo, "git", "add", "-A")
-    _run(repo, "git", "commit", "-q", "-m", "fetch")
+    _run(repo, "git", "commit", "-q", "-m", "fetch")  # dvc.lock, metrics and plots committed, as on a clone
+    before = _run_ids(repo)
+    # Rerun stages whose committed metrics DVC deletes and rewrites (their timings change): still clean.
+    _run(repo, "dvc", "repro", "--force", "--single-item", "finetune_scratch", "evaluate")
+    assert _check_git_dirty(repo, expected="false", exclude=before) == {"finetune_scratch", "evaluate"}
+    before = _run_ids(repo)
     _run(repo, "dvc", "exp", "run", "-S", "data.label_fraction=0.2")
+    assert "fetch" in _check_git_dirty(repo, expected="true", exclude=before)  # params.yaml differs
     assert _labeled_count(repo) == 32
     assert yaml.safe_load((repo / "params.yaml").read_text())["data"]["label_fraction"] == 0.2
     diffs = json.loads(_run(repo, "dvc", "metrics", "diff", "--json"))
@@ -87,6 +97,70 @@ def test_repro_then_noop_then_experiment(repo: Path) -> None:
     assert runs[1].data.tags["dvc.exp_name"]  # DVC names the experiment; the run carries the name
     assert runs[1].data.params["data.label_fraction"] == "0.2"
     assert runs[0].data.tags["git.commit"] == _run(repo, "git", "rev-parse", "HEAD~1").strip()
+
+
+def _run_ids(repo: Path) -> set[str]:
+    client = mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    experiment = client.get_experiment_by_name("ssl-pipeline").experiment_id
+    return {run.info.run_id for run in client.search_runs([experiment])}
+
+
+def _check_git_dirty(repo: Path, *, expected: str, exclude: set[str] = frozenset()) -> set[str]:
+    """Every run but `exclude` is tagged git.dirty=`expected`; returns the names of those runs."""
+    client = mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    runs = [run for run in client.search_runs([client.get_experiment_by_name("ssl-pipeline").experiment_id])
+            if run.info.run_id not in exclude]
+    assert runs
+    for run in runs:
+        assert run.data.tags["git.dirty"] == expected, (run.info.run_name, run.data.tags.get("git.dirty_paths"))
+        assert ("git.dirty_paths" in run.data.tags) == (expected == "true")
+    return {run.info.run_name for run in runs}
+
+
+REGISTERED = {  # name -> (role, objective) of every version
+    "ssl-pipeline-encoder": ("encoder", None), "ssl-pipeline-classifier": ("classifier", None),
+    "ssl-pipeline-lm-ar": ("language-model", "ar"), "ssl-pipeline-lm-mdm": ("language-model", "mdm"),
+    "ssl-pipeline-task-lm-ar": ("task-model", "ar"), "ssl-pipeline-task-lm-mdm": ("task-model", "mdm"),
+}
+
+
+def _check_registry(repo: Path) -> None:
+    """One kind of model per registered name, each described; the ar task model's challenger is the GRPO model
+    and answers exactly like its folder."""
+    client = mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    models = {model.name: model for model in client.search_registered_models()}
+    assert set(models) == set(REGISTERED)
+    for name, (role, objective) in REGISTERED.items():
+        assert "Every version is registered by" in models[name].description or "Versions come from" in (
+            models[name].description)
+        assert f"models:/{name}@" in models[name].description  # how to load it
+        for version in client.search_model_versions(f"name = '{name}'"):
+            assert version.tags["role"] == role and version.tags.get("objective") == objective, (name, version.tags)
+            headline, started = version.description.split("\n\nStarted from: ")
+            assert headline and "replaces this line" not in headline, (name, headline)  # evaluated
+            assert started.startswith("models:/" if role in ("classifier", "task-model") else "fresh weights")
+    sft, rl = (json.loads((repo / f"models/text/{kind}_ar/run.json").read_text()) for kind in ("sft", "rl"))
+    challenger = client.get_model_version_by_alias("ssl-pipeline-task-lm-ar", "challenger")
+    assert int(challenger.version) == rl["model_version"] == sft["model_version"] + 1
+    assert challenger.tags["started_from"] == f"models:/ssl-pipeline-task-lm-ar/{sft['model_version']}"
+    task = json.loads((repo / "metrics/text/task.json").read_text())
+    assert f"test exact match {task['rl_ar']['accuracy']:.4f}" in challenger.description
+    assert client.get_run(rl["run_id"]).data.metrics["test.accuracy"] == task["rl_ar"]["accuracy"]
+    mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
+    prompts = [json.loads(line)["prompt"] for line in (repo / "data/text/task/test.jsonl").open()]
+    answers = mlflow.pyfunc.load_model("models:/ssl-pipeline-task-lm-ar@challenger").predict(prompts)
+    local = LanguageModel.from_folder(repo / "models/text/rl_ar")
+    assert answers == [local.generate(prompt, SamplerSettings(max_new_tokens=6, temperature=0.0))[0]
+                       for prompt in prompts]
+
+
+def _check_task_gate(repo: Path) -> None:
+    """The gate promotes the ar task model's first challenger on its test exact match, then leaves it."""
+    first = _run(repo, sys.executable, "-m", "pipeline_lib.promote", "--model", "task_ar")
+    version = json.loads((repo / "models/text/rl_ar/run.json").read_text())["model_version"]
+    assert f"ssl-pipeline-task-lm-ar: promoted v{version} to champion (no champion yet" in first
+    assert "test.accuracy=" in first
+    assert "unchanged" in _run(repo, sys.executable, "-m", "pipeline_lib.promote", "--model", "task_ar")
 
 
 def test_switch_source_with_exp_run(repo: Path, tmp_path: Path) -> None:
@@ -228,17 +302,18 @@ def _check_text_tasks(repo: Path) -> None:
     assert client.list_artifacts(rl_run.info.run_id, "samples")[0].path == "samples/step_00000.txt"
     sft = json.loads((repo / "models/text/sft_mdm/run.json").read_text())
     pretrained = json.loads((repo / "models/text/mdm/run.json").read_text())
-    sft_version = client.get_model_version("ssl-pipeline-task-lm", str(sft["model_version"]))
-    assert sft_version.tags["stage"] == "text_sft" and sft_version.tags["objective"] == "mdm"
+    sft_version = client.get_model_version("ssl-pipeline-task-lm-mdm", str(sft["model_version"]))
+    assert sft_version.tags["stage"] == "text_sft_mdm" and sft_version.tags["objective"] == "mdm"
     assert sft_version.tags["pretrained.model_version"] == str(pretrained["model_version"])
     rl = json.loads((repo / "models/text/rl_mdm/run.json").read_text())
-    rl_version = client.get_model_version("ssl-pipeline-task-lm", str(rl["model_version"]))
-    assert rl_version.tags["stage"] == "text_rl" and rl_version.tags["sft.model_version"] == str(sft["model_version"])
+    rl_version = client.get_model_version("ssl-pipeline-task-lm-mdm", str(rl["model_version"]))
+    assert rl_version.tags["stage"] == "text_rl_mdm"
+    assert rl_version.tags["sft.model_version"] == str(sft["model_version"])
     assert json.loads((repo / "models/text/scratch_ar/run.json").read_text())["model_version"] is None  # measured only
     assert json.loads((repo / "models/text/rl_mdm/config.json").read_text())["moe"]["routed_experts"] == 4
     # The registered GRPO model answers like its folder: greedy completions, cut at the end of sequence.
     mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
-    registered = mlflow.pyfunc.load_model(f"models:/ssl-pipeline-task-lm/{rl['model_version']}")
+    registered = mlflow.pyfunc.load_model(f"models:/ssl-pipeline-task-lm-mdm/{rl['model_version']}")
     answers = registered.predict(splits["test"][:3])
     local = LanguageModel.from_folder(repo / "models/text/rl_mdm")
     settings = SamplerSettings(max_new_tokens=6, block_length=6, temperature=0.0)
@@ -247,28 +322,27 @@ def _check_text_tasks(repo: Path) -> None:
 
 
 def _check_language_models(repo: Path, client: mlflow.MlflowClient) -> None:
-    """Both language models are versions of `ssl-pipeline-lm`, tagged with their objective, that generate text
-    through MLflow and through the command line."""
+    """Each language model is a version of its objective's name, `ssl-pipeline-lm-<objective>`, that generates
+    text through MLflow and through the command line."""
     versions = {}
     for objective in ("ar", "mdm"):
         record = json.loads((repo / f"models/text/{objective}/run.json").read_text())
         version = client.get_model_version(record["model_name"], str(record["model_version"]))
-        assert record["model_name"] == "ssl-pipeline-lm" and version.run_id == record["run_id"]
+        assert record["model_name"] == f"ssl-pipeline-lm-{objective}" and version.run_id == record["run_id"]
         assert version.tags["objective"] == objective and version.tags["upstream.text_fetch.run_id"]
+        assert client.get_model_version_by_alias(record["model_name"], "challenger").version == version.version
         versions[objective] = version.version
-    newest = max(versions, key=lambda objective: int(versions[objective]))
-    assert client.get_model_version_by_alias("ssl-pipeline-lm", "challenger").version == versions[newest]
     # A registered version generates what its model folder generates, through MLflow and the command line.
     mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
-    model = mlflow.pyfunc.load_model(f"models:/ssl-pipeline-lm/{versions['ar']}")
+    model = mlflow.pyfunc.load_model(f"models:/ssl-pipeline-lm-ar/{versions['ar']}")
     texts = model.predict(["The ", "A "], params={"max_new_tokens": 6, "seed": 1})
     local = LanguageModel.from_folder(repo / "models/text/ar")
     assert texts == [local.generate(prompt, SamplerSettings(max_new_tokens=6, seed=1))[0] for prompt in ("The ", "A ")]
-    done = subprocess.run(["python", "-m", "pipeline_lib.text.generate", "models:/ssl-pipeline-lm@challenger",
+    done = subprocess.run(["python", "-m", "pipeline_lib.text.generate", "models:/ssl-pipeline-lm-mdm@challenger",
                            "--prompt", "The ", "--max-new-tokens", "8", "--block-length", "4", "--steps", "4"],
                           cwd=repo, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db"})
     assert done.returncode == 0, done.stderr
-    expected = LanguageModel.from_folder(repo / f"models/text/{newest}").generate(
+    expected = LanguageModel.from_folder(repo / "models/text/mdm").generate(
         "The ", SamplerSettings(max_new_tokens=8, block_length=4, steps=4))[0]
     assert done.stdout == f"--- sample 0 ---\nThe {expected}\n"

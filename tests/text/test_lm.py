@@ -20,7 +20,7 @@ def test_windows_are_a_view_that_overlaps_by_one_token() -> None:
     windows = token_windows(tokens, 4)
     assert windows.shape == (2, 5) and np.shares_memory(windows, tokens)
     assert windows[0].tolist() == [0, 1, 2, 3, 4] and windows[1].tolist() == [4, 5, 6, 7, 8]
-    with pytest.raises(ValueError, match=r"too few for one window of text_model\.seq_len=16"):
+    with pytest.raises(ValueError, match=r"text_model\.seq_len=16: the 11 training tokens are too few for one window"):
         token_windows(tokens, 16)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline_lib.config import params_from_dict
+from pipeline_lib.config import ConfigError, params_from_dict
 from pipeline_lib.models.transformer import TransformerLM, grow_vocab
 from pipeline_lib.text.rollout import (
     EOS,
@@ -66,7 +66,8 @@ def test_encode_examples_layout_by_hand() -> None:
 def test_a_completion_over_answer_tokens_names_the_key_and_the_example() -> None:
     examples = [Example("1+2=", "3"), Example("12+34=", "46")]
     encode_examples(examples, TOKENIZER, prompt_len=6, answer_tokens=5, split="rl")  # "46" just fits
-    with pytest.raises(ValueError, match=r"rl example 1 \('12\+34=' -> '46'\).* 5 tokens .*text_task.answer_tokens=4"):
+    with pytest.raises(ConfigError, match=r"text_task\.answer_tokens=4: the longest rl completion, example 1 "
+                                          r"\('12\+34=' -> '46'\), takes 5 tokens .*\(accepted: >= 5\)"):
         encode_examples(examples, TOKENIZER, prompt_len=6, answer_tokens=4, split="rl")
 
 
@@ -82,7 +83,7 @@ def test_encode_prompts_pads_on_the_left_and_refuses_long_prompts() -> None:
 
 def test_check_fits_names_the_keys() -> None:
     check_fits(6, 10, 16)
-    with pytest.raises(ValueError, match=r"text_task.answer_tokens=11 .*text_model.seq_len=16"):
+    with pytest.raises(ConfigError, match=r"text_task\.answer_tokens=11: .*seq_len=16 \(accepted: at most 10\)"):
         check_fits(6, 11, 16)
 
 
@@ -113,7 +114,7 @@ def test_jsonl_splits_sharing_a_prompt_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"text_task\.test_path: prompt '2\+2=' is also in the train split"):
         build_splits(params.text_task, 0)
     paths["rl"].unlink()
-    with pytest.raises(FileNotFoundError, match=r"text_task\.rl_path="):
+    with pytest.raises(ConfigError, match=r"text_task\.rl_path='.*rl\.jsonl': no such file"):
         build_splits(params.text_task, 0)
 
 

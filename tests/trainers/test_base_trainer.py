@@ -132,5 +132,5 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path: Path) -> None
 
 
 def test_batch_larger_than_data_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"train\.batch_size=128 is larger than the 64 training images"):
+    with pytest.raises(ValueError, match=r"train\.batch_size=128: is larger than the 64 training images"):
         _trainer(tmp_path, batch_size=128)

@@ -124,7 +124,7 @@ def test_checkpoint_resume_matches_a_straight_run(prepared: Path, tmp_path: Path
 
 def test_mismatched_encoder_is_refused_before_training(prepared: Path, encoder_dir: Path, tmp_path: Path) -> None:
     params = tiny_params(model={**TINY_VIT, "depth": 3})
-    with pytest.raises(ValueError, match=r"model.depth=3, but the encoder in .* was pretrained with depth=2"):
+    with pytest.raises(ValueError, match=r"model.depth=3: must match the encoder in .*, pretrained with depth=2"):
         run_finetune(params, _paths(prepared, encoder_dir, tmp_path), Tracker(), torch.device("cpu"), register=False)
     assert not (tmp_path / "model").exists()
 

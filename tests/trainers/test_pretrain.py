@@ -64,5 +64,5 @@ def test_method_trains_exports_and_reloads(prepared: Path, tmp_path: Path, metho
 
 def test_mae_needs_a_vit(tmp_path: Path) -> None:
     params = params_from_dict({"model": {"name": "resnet18"}})
-    with pytest.raises(ValueError, match=r"pretrain.method='mae' needs a ViT encoder; model.name='resnet18'"):
+    with pytest.raises(ValueError, match=r"pretrain.method='mae': needs a ViT encoder; model.name='resnet18'"):
         build_pretrain_model(params.pretrain, params.model, in_chans=1, img_size=8)
