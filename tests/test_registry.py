@@ -29,7 +29,7 @@ class Doubler(mlflow.pyfunc.PythonModel):
 def store(tmp_path: Path) -> mlflow.MlflowClient:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment_id=mlflow.create_experiment("registry", (tmp_path / "artifacts").as_uri()))
+    mlflow.create_experiment("registry", (tmp_path / "artifacts").as_uri())  # no global active experiment
     yield mlflow.MlflowClient(uri)
     mlflow.set_tracking_uri(None)
 
@@ -38,7 +38,7 @@ def _register(tmp_path: Path, kind: ModelKind, *, name: str = "lm-ar", started_f
     folder = tmp_path / f"model-{len(list(tmp_path.glob('model-*')))}"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"factor": 2}))
-    with mlflow.start_run() as run:
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("registry").experiment_id) as run:
         version = register_model(Doubler(), folder, name=name, kind=kind, artifact_name="model",
                                  input_example=np.ones((2, 3)), tags={"stage": "text_sft_ar"},
                                  description=f"what {name} holds", headline="training loss 0.5",
