@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from sklearn.model_selection import RepeatedStratifiedKFold
 
-from pipeline_lib.config import load_params
-from pipeline_lib.data.store import read_split
-from pipeline_lib.eval.evaluate import predict_probabilities
-from pipeline_lib.models.factory import resolve_params
-from pipeline_lib.tracking import Tracker
-from pipeline_lib.trainers.finetune import FinetunePaths, FinetuneTrainer, build_classifier
+from pipeline_lib.core.tracking import Tracker
+from pipeline_lib.params import load_params
+from pipeline_lib.vision.data.store import read_split
+from pipeline_lib.vision.evaluate import predict_probabilities
+from pipeline_lib.vision.finetune import FinetunePaths, FinetuneTrainer, build_classifier
+from pipeline_lib.vision.models.factory import resolve_params
 
 
 def main() -> None:

@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline_lib import dist
-from pipeline_lib.config import ModelParams, PretrainParams
-from pipeline_lib.data.augment import AugmentConfig, BatchAugment
-from pipeline_lib.losses.contrastive import nt_xent
-from pipeline_lib.trainers.pretrain import build_pretrain_model
+from pipeline_lib.core import dist
+from pipeline_lib.vision.config import ModelParams, PretrainParams
+from pipeline_lib.vision.data.augment import AugmentConfig, BatchAugment
+from pipeline_lib.vision.losses import nt_xent
+from pipeline_lib.vision.pretrain import build_pretrain_model
 
 # Dense bf16 peak of the accelerators we quote MFU for (TFLOP/s).
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}

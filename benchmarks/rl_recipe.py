@@ -23,16 +23,16 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from pipeline_lib.config import load_params
-from pipeline_lib.data.store import read_split
-from pipeline_lib.eval.evaluate import predict_probabilities
-from pipeline_lib.models.classifier import AbstainClassifier
-from pipeline_lib.models.factory import load_network
-from pipeline_lib.rewards.classification import bayes_actions
-from pipeline_lib.rl.decisions import decision_report
-from pipeline_lib.rl.post_train import reward_table
-from pipeline_lib.tracking import Tracker
-from pipeline_lib.trainers.grpo import CrossEntropyTrainer, ExpectedRewardTrainer, GRPOTrainer
+from pipeline_lib.core.tracking import Tracker
+from pipeline_lib.params import load_params
+from pipeline_lib.vision.data.store import read_split
+from pipeline_lib.vision.decisions import decision_report
+from pipeline_lib.vision.evaluate import predict_probabilities
+from pipeline_lib.vision.grpo import CrossEntropyTrainer, ExpectedRewardTrainer, GRPOTrainer
+from pipeline_lib.vision.models.classifier import AbstainClassifier
+from pipeline_lib.vision.models.factory import load_network
+from pipeline_lib.vision.rewards import bayes_actions
+from pipeline_lib.vision.rl import reward_table
 
 
 def main() -> None:

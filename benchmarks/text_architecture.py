@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline_lib.config import load_params
-from pipeline_lib.text.corpus import prepare_text
+from pipeline_lib.core.tracking import Tracker
+from pipeline_lib.params import load_params
+from pipeline_lib.text.data.corpus import prepare_text
 from pipeline_lib.text.evaluate import BPC_KEY, score
-from pipeline_lib.text.lm import LMPaths, load_lm, run_text_pretrain
-from pipeline_lib.tracking import Tracker
+from pipeline_lib.text.models.saved import load_lm
+from pipeline_lib.text.pretrain import LMPaths, run_text_pretrain
 
 VARIANTS = {  # name -> params overrides on top of the file and -S
     "dense": [],

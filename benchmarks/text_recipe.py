@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline_lib.config import load_params
-from pipeline_lib.text.corpus import prepare_text, read_text_meta, read_tokens
+from pipeline_lib.core.tracking import Tracker
+from pipeline_lib.params import load_params
+from pipeline_lib.text.data.corpus import prepare_text, read_text_meta, read_tokens
 from pipeline_lib.text.evaluate import BPC_KEY, score
-from pipeline_lib.text.lm import OBJECTIVES, LMPaths, load_lm, run_text_pretrain
+from pipeline_lib.text.models.saved import OBJECTIVES, load_lm
 from pipeline_lib.text.ngram import NGramLM, bits_per_character
-from pipeline_lib.tracking import Tracker
+from pipeline_lib.text.pretrain import LMPaths, run_text_pretrain
 
 
 def main() -> None:

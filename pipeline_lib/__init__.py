@@ -1,1 +1,1 @@
-"""Library behind the pipeline stages: config, data, models, losses, trainers, tracking."""
+"""Library behind the pipeline stages: a small core (`core`) and one package per track (`vision`, `text`)."""

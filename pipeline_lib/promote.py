@@ -26,9 +26,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline_lib.config import ConfigError, Params, load_params
-from pipeline_lib.registry import Decision, PromotionError, promote
-from pipeline_lib.tracking import TrackingUnavailable, check_tracking_store, redacted, tracking_uri
+from pipeline_lib.core.errors import ConfigError
+from pipeline_lib.core.registry import Decision, PromotionError, promote
+from pipeline_lib.core.tracking import TrackingUnavailable, check_tracking_store, redacted, tracking_uri
+from pipeline_lib.params import Params, load_params
 
 EXIT_DECIDED, EXIT_KEPT, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 

@@ -26,10 +26,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline_lib.config import ConfigError, load_params
+from pipeline_lib.core.errors import ConfigError
+from pipeline_lib.core.registry import PromotionError
+from pipeline_lib.core.tracking import TrackingUnavailable, check_tracking_store, project_root, tracking_uri
+from pipeline_lib.params import load_params
 from pipeline_lib.promote import EXIT_BAD_INPUT, EXIT_UNREACHABLE, append_text, decision_markdown, run_gates
-from pipeline_lib.registry import PromotionError
-from pipeline_lib.tracking import TrackingUnavailable, check_tracking_store, project_root, tracking_uri
 
 EXIT_DONE, EXIT_FAILED = 0, 1
 

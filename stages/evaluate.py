@@ -11,12 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline_lib import dist
-from pipeline_lib.config import ConfigError, flatten, load_params
-from pipeline_lib.data.download import DataError
-from pipeline_lib.data.store import prepared_digest
-from pipeline_lib.eval.evaluate import EvaluatePaths, run_evaluate
-from pipeline_lib.tracking import TrackingUnavailable, read_run_record, stage_run
+from pipeline_lib.core import dist
+from pipeline_lib.core.config import flatten
+from pipeline_lib.core.errors import ConfigError, DataError
+from pipeline_lib.core.tracking import TrackingUnavailable, read_run_record, stage_run
+from pipeline_lib.params import load_params
+from pipeline_lib.vision.data.store import prepared_digest
+from pipeline_lib.vision.evaluate import EvaluatePaths, run_evaluate
 
 
 def classifier(text: str) -> tuple[str, Path]:

@@ -9,11 +9,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline_lib.config import ConfigError, flatten, load_params
-from pipeline_lib.data.download import DataError
-from pipeline_lib.data.prepare import check_inputs, prepare_dataset
-from pipeline_lib.data.summary import log_prepared
-from pipeline_lib.tracking import TrackingUnavailable, stage_run, write_run_record
+from pipeline_lib.core.config import flatten
+from pipeline_lib.core.errors import ConfigError, DataError
+from pipeline_lib.core.tracking import TrackingUnavailable, stage_run, write_run_record
+from pipeline_lib.params import load_params
+from pipeline_lib.vision.data.prepare import check_inputs, prepare_dataset
+from pipeline_lib.vision.data.summary import log_prepared
 
 
 def main() -> None:

@@ -14,20 +14,14 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from pipeline_lib import dist
-from pipeline_lib.config import ConfigError, load_params
-from pipeline_lib.data.download import DataError
-from pipeline_lib.data.store import prepared_digest
-from pipeline_lib.tracking import Tracker, TrackingUnavailable, read_run_record, stage_run
-from pipeline_lib.trainers.base import NonFiniteLossError, read_checkpoint
-from pipeline_lib.trainers.finetune import (
-    FinetunePaths,
-    check_inputs,
-    encoder_digest,
-    fingerprint,
-    logged_params,
-    run_finetune,
-)
+from pipeline_lib.core import dist
+from pipeline_lib.core.errors import ConfigError, DataError
+from pipeline_lib.core.tracking import Tracker, TrackingUnavailable, read_run_record, stage_run
+from pipeline_lib.core.trainer import NonFiniteLossError, read_checkpoint
+from pipeline_lib.params import load_params
+from pipeline_lib.vision.data.store import prepared_digest
+from pipeline_lib.vision.finetune import FinetunePaths, check_inputs, fingerprint, logged_params, run_finetune
+from pipeline_lib.vision.models.factory import encoder_digest
 
 
 def main() -> None:

@@ -9,10 +9,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline_lib.config import ConfigError, flatten, load_params
-from pipeline_lib.data.download import DataError
-from pipeline_lib.text.corpus import check_inputs, prepare_text
-from pipeline_lib.tracking import TrackingUnavailable, stage_run, write_run_record
+from pipeline_lib.core.config import flatten
+from pipeline_lib.core.errors import ConfigError, DataError
+from pipeline_lib.core.tracking import TrackingUnavailable, stage_run, write_run_record
+from pipeline_lib.params import load_params
+from pipeline_lib.text.data.corpus import check_inputs, prepare_text
 
 
 def main() -> None:

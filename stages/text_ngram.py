@@ -10,11 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline_lib.config import ConfigError, flatten, load_params
-from pipeline_lib.data.download import DataError
-from pipeline_lib.text.corpus import read_text_meta, read_tokens
+from pipeline_lib.core.config import flatten
+from pipeline_lib.core.errors import ConfigError, DataError
+from pipeline_lib.core.tracking import TrackingUnavailable, read_run_record, stage_run, write_json_atomic
+from pipeline_lib.params import load_params
+from pipeline_lib.text.data.corpus import read_text_meta, read_tokens
 from pipeline_lib.text.ngram import NGramLM, bits_per_character
-from pipeline_lib.tracking import TrackingUnavailable, read_run_record, stage_run, write_json_atomic
 
 
 def main() -> None:

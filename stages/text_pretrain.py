@@ -13,13 +13,14 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from pipeline_lib import dist
-from pipeline_lib.config import ConfigError, load_params
-from pipeline_lib.data.download import DataError
-from pipeline_lib.text.corpus import read_text_meta
-from pipeline_lib.text.lm import OBJECTIVES, LMPaths, check_inputs, fingerprint, logged_params, run_text_pretrain
-from pipeline_lib.tracking import Tracker, TrackingUnavailable, read_run_record, stage_run
-from pipeline_lib.trainers.base import CHECKPOINT_NAME, NonFiniteLossError, read_checkpoint
+from pipeline_lib.core import dist
+from pipeline_lib.core.errors import ConfigError, DataError
+from pipeline_lib.core.tracking import Tracker, TrackingUnavailable, read_run_record, stage_run
+from pipeline_lib.core.trainer import CHECKPOINT_NAME, NonFiniteLossError, read_checkpoint
+from pipeline_lib.params import load_params
+from pipeline_lib.text.data.corpus import read_text_meta
+from pipeline_lib.text.models.saved import OBJECTIVES
+from pipeline_lib.text.pretrain import LMPaths, check_inputs, fingerprint, logged_params, run_text_pretrain
 
 
 def main() -> None:

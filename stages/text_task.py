@@ -10,9 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline_lib.config import ConfigError, flatten, load_params
-from pipeline_lib.text.task_data import META_FILE, check_inputs, prepare_task
-from pipeline_lib.tracking import TrackingUnavailable, stage_run, write_run_record
+from pipeline_lib.core.config import flatten
+from pipeline_lib.core.errors import ConfigError
+from pipeline_lib.core.tracking import TrackingUnavailable, stage_run, write_run_record
+from pipeline_lib.params import load_params
+from pipeline_lib.text.data.task_data import META_FILE, check_inputs, prepare_task
 
 
 def main() -> None:

@@ -12,11 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline_lib.config import ConfigError, flatten, load_params
-from pipeline_lib.data.download import DataError
-from pipeline_lib.text.task_data import task_digest
-from pipeline_lib.text.task_eval import run_task_evaluate
-from pipeline_lib.tracking import TrackingUnavailable, read_run_record, stage_run, write_json_atomic
+from pipeline_lib.core.config import flatten
+from pipeline_lib.core.errors import ConfigError, DataError
+from pipeline_lib.core.tracking import TrackingUnavailable, read_run_record, stage_run, write_json_atomic
+from pipeline_lib.params import load_params
+from pipeline_lib.text.data.task_data import task_digest
+from pipeline_lib.text.task_evaluate import run_task_evaluate
 
 
 def main() -> None:

@@ -18,15 +18,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline_lib.config import ConfigError, Params, TextEvaluateParams
-from pipeline_lib.losses.lm import mdm_nll_bound
-from pipeline_lib.models.transformer import TransformerLM
-from pipeline_lib.registry import annotate
-from pipeline_lib.text.corpus import read_text_meta, read_tokens
-from pipeline_lib.text.lm import CONFIG_FILE, load_lm, token_windows, window_count
+from pipeline_lib.core.errors import ConfigError
+from pipeline_lib.core.registry import annotate
+from pipeline_lib.core.tracking import Tracker, read_run_record
+from pipeline_lib.text.config import TextEvaluateParams, TextParams
+from pipeline_lib.text.data.corpus import read_text_meta, read_tokens
+from pipeline_lib.text.losses import mdm_nll_bound
+from pipeline_lib.text.models.sampling import generate_ar, generate_mdm
+from pipeline_lib.text.models.saved import CONFIG_FILE, load_lm
+from pipeline_lib.text.models.transformer import TransformerLM
 from pipeline_lib.text.ngram import bits_per_character
-from pipeline_lib.text.sampling import generate_ar, generate_mdm
-from pipeline_lib.tracking import Tracker, read_run_record
+from pipeline_lib.text.pretrain import token_windows, window_count
 
 EVAL_BATCH = 64
 
@@ -86,7 +88,7 @@ def mdm_nats(model: TransformerLM, windows: np.ndarray, *, num_samples: int, see
 BPC_KEY = {"ar": "bpc", "mdm": "bpc_bound"}  # the masked model's figure is an upper bound, and says so
 
 
-def run_text_evaluate(params: Params, data: Path, ngram_bpc: float, models: dict[str, Path],
+def run_text_evaluate(params: TextParams, data: Path, ngram_bpc: float, models: dict[str, Path],
                       tracker: Tracker) -> dict[str, Any]:
     """Score each trained model against the n-gram's bits per character; a sample of each goes to the run."""
     summary: dict[str, Any] = {"ngram": {"bpc": ngram_bpc}}
@@ -110,7 +112,7 @@ def run_text_evaluate(params: Params, data: Path, ngram_bpc: float, models: dict
     return summary
 
 
-def score(model: TransformerLM, objective: str, data: Path, params: Params) -> dict[str, Any]:
+def score(model: TransformerLM, objective: str, data: Path, params: TextParams) -> dict[str, Any]:
     """Bits per character of one trained transformer on the validation split, with its size and speed.
 
     The AR model scores every validation token but the first, in sliding windows of `max_len` advancing by half
@@ -149,7 +151,7 @@ def mdm_sample_length(cfg: TextEvaluateParams, prompt_len: int, max_len: int) ->
     return length
 
 
-def check_inputs(params: Params, data: Path, models: dict[str, Path]) -> None:
+def check_inputs(params: TextParams, data: Path, models: dict[str, Path]) -> None:
     """The params that only the prepared text and the models decide, checked by the stage before its MLflow run
     from meta.json and each model's config.json: each model's window (`text_model.seq_len` when it was trained)
     against the validation tokens (`lm.window_count`), and for a masked model `text_evaluate.prompt_tokens`
@@ -166,7 +168,7 @@ def check_inputs(params: Params, data: Path, models: dict[str, Path]) -> None:
             mdm_sample_length(params.text_evaluate, min(params.text_evaluate.prompt_tokens, num_val), config["max_len"])
 
 
-def sample(model: TransformerLM, objective: str, data: Path, params: Params) -> torch.Tensor:
+def sample(model: TransformerLM, objective: str, data: Path, params: TextParams) -> torch.Tensor:
     """(1, P + new) ids continuing the validation text's first tokens: AR sampling, or LLaDA's sampler."""
     cfg = params.text_evaluate
     prompt = _prompt(data, cfg.prompt_tokens)

@@ -26,39 +26,31 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from torch import Tensor, nn
+from torch import Tensor
 
-from pipeline_lib import dist
-from pipeline_lib.config import Params, flatten, params_hash
-from pipeline_lib.losses.lm import mdm_corrupt, sft_ar_loss, sft_mdm_loss
-from pipeline_lib.models.transformer import TransformerLM, grow_vocab
-from pipeline_lib.outputs import staged_dir
-from pipeline_lib.registry import ALIASES, ModelKind, model_uri
-from pipeline_lib.text.lm import (
-    CONFIG_FILE,
-    OBJECTIVE_NAMES,
-    SAMPLERS,
-    TOKENIZER_FILE,
-    WEIGHTS_FILE,
-    LMTrainer,
-    build_lm,
-    lm_config,
-    load_lm,
-)
+from pipeline_lib.core import dist
+from pipeline_lib.core.config import flatten, params_hash
+from pipeline_lib.core.outputs import staged_dir
+from pipeline_lib.core.registry import ALIASES, ModelKind, model_uri
+from pipeline_lib.core.tracking import Tracker, read_run_record, write_json_atomic, write_run_record
+from pipeline_lib.core.trainer import Batch, Trainer, check_batch_size, code_digest
+from pipeline_lib.text.config import TextParams
+from pipeline_lib.text.data.task_data import copy_task_meta, read_task, task_digest
+from pipeline_lib.text.data.tokenizer import SpecialTokens, load_tokenizer
+from pipeline_lib.text.losses import mdm_corrupt, sft_ar_loss, sft_mdm_loss
+from pipeline_lib.text.models.saved import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, lm_config, load_lm
+from pipeline_lib.text.models.transformer import TransformerLM, grow_vocab
+from pipeline_lib.text.pretrain import OBJECTIVE_NAMES, SAMPLERS, LMTrainer, build_lm
 from pipeline_lib.text.rollout import EOS, ROLE, check_fits, encode_examples, prompt_length, task_tokenizer
-from pipeline_lib.text.task_data import copy_task_meta, read_task, task_digest
-from pipeline_lib.text.tokenizer import SpecialTokens, load_tokenizer
-from pipeline_lib.tracking import Tracker, read_run_record, write_json_atomic, write_run_record
-from pipeline_lib.trainers.base import Batch, Trainer, check_batch_size, code_digest
 
 
 class SFTTrainer(LMTrainer):
-    """The language-model trainer on task rows: `Batch.images` holds (b, 2, T) int64, the ids and their `ROLE`s."""
+    """The language-model trainer on task rows: `Batch.inputs` holds (b, 2, T) int64, the ids and their `ROLE`s."""
 
     stage = "text_sft"
 
     def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
-        ids, roles = batch.images[:, 0], batch.images[:, 1]  # (b, T) each
+        ids, roles = batch.inputs[:, 0], batch.inputs[:, 1]  # (b, T) each
         real = roles != ROLE.PAD
         if self.objective == "ar":
             logits = self.forward_model(ids[:, :-1], key_mask=real[:, :-1])
@@ -88,7 +80,7 @@ class SFTPaths:
     checkpoints: Path
 
 
-def logged_params(params: Params, objective: str, init: str) -> dict[str, Any]:
+def logged_params(params: TextParams, objective: str, init: str) -> dict[str, Any]:
     """The params an SFT run uses, flat and dotted."""
     return {"seed": params.seed, "text_sft.objective": objective, "text_sft.init": init,
             **flatten(params.text_model, "text_model."), **flatten(params.text_task, "text_task."),
@@ -100,7 +92,7 @@ def weights_digest(folder: Path | None) -> str:
     return "none" if folder is None else hashlib.sha256((Path(folder) / WEIGHTS_FILE).read_bytes()).hexdigest()
 
 
-def fingerprint(params: Params, paths: SFTPaths, objective: str) -> str:
+def fingerprint(params: TextParams, paths: SFTPaths, objective: str) -> str:
     """Identifies a resumable run: params, task data, the starting weights and the library code."""
     init = "pretrained" if paths.pretrained else "scratch"
     return params_hash({**logged_params(params, objective, init), "task": task_digest(paths.task),
@@ -113,7 +105,7 @@ def check_objective(config: dict[str, Any], folder: Path, objective: str) -> Non
         raise ValueError(f"{folder} is an {config['objective']!r} model, not {objective!r}")
 
 
-def check_inputs(params: Params, paths: SFTPaths, objective: str) -> None:
+def check_inputs(params: TextParams, paths: SFTPaths, objective: str) -> None:
     """The params that only the task data and the tokenizer decide, checked by the stage before its MLflow run
     from the task files, config.json and tokenizer.json (no weights): the longest prompt plus
     `text_task.answer_tokens` fits the model's context (`rollout.check_fits`), every train completion fits
@@ -138,7 +130,7 @@ def check_inputs(params: Params, paths: SFTPaths, objective: str) -> None:
     check_batch_size(params.text_sft, len(data.splits["train"]), "train examples")
 
 
-def start_model(params: Params, paths: SFTPaths, objective: str) -> tuple[TransformerLM, SpecialTokens]:
+def start_model(params: TextParams, paths: SFTPaths, objective: str) -> tuple[TransformerLM, SpecialTokens]:
     """The pretrained model (or fresh weights of the same architecture) with the task tokens added."""
     if paths.pretrained is not None:
         model, base, config = load_lm(paths.pretrained)
@@ -151,7 +143,7 @@ def start_model(params: Params, paths: SFTPaths, objective: str) -> tuple[Transf
     return grow_vocab(model, tokenizer.vocab_size - model.vocab_size), tokenizer
 
 
-def task_layout(task_prompts: list[str], tokenizer: SpecialTokens, params: Params, max_len: int) -> dict[str, Any]:
+def task_layout(task_prompts: list[str], tokenizer: SpecialTokens, params: TextParams, max_len: int) -> dict[str, Any]:
     """What every task model records in `config.json["task"]`; refuses a layout over the model's context."""
     prompt_len = prompt_length(task_prompts, tokenizer)
     check_fits(prompt_len, params.text_task.answer_tokens, max_len)
@@ -159,7 +151,7 @@ def task_layout(task_prompts: list[str], tokenizer: SpecialTokens, params: Param
             "answer_tokens": params.text_task.answer_tokens}
 
 
-def run_text_sft(params: Params, paths: SFTPaths, objective: str, tracker: Tracker,
+def run_text_sft(params: TextParams, paths: SFTPaths, objective: str, tracker: Tracker,
                  device: torch.device) -> dict[str, Any]:
     """Finetune (resuming a matching checkpoint); rank 0 writes the model folder, metrics and loss curve."""
     data = read_task(paths.task)
@@ -169,7 +161,7 @@ def run_text_sft(params: Params, paths: SFTPaths, objective: str, tracker: Track
     rows = encode_examples(data.splits["train"], tokenizer, prompt_len=layout["prompt_len"],
                            answer_tokens=layout["answer_tokens"], split="train")
     stacked = np.stack([rows.ids, rows.roles.astype(np.int64)], axis=1)  # (N, 2, T)
-    trainer = SFTTrainer(model, params.text_sft, stacked, nn.Identity(), objective=objective,
+    trainer = SFTTrainer(model, params.text_sft, stacked, objective=objective,
                          mdm_eps=params.text_sft.mdm_eps, device=device, seed=params.seed,
                          checkpoint_dir=paths.checkpoints, tracker=tracker,
                          fingerprint=fingerprint(params, paths, objective))
@@ -184,7 +176,7 @@ def run_text_sft(params: Params, paths: SFTPaths, objective: str, tracker: Track
         return {}
     last = result.history[-1] if result.history else {}
     summary = {"loss": last.get("loss", float("nan")), "steps": result.steps,
-               "examples_per_second": result.images_per_second, "resumed_from_step": result.resumed_from,
+               "examples_per_second": result.samples_per_second, "resumed_from_step": result.resumed_from,
                "train_seconds": round(time.perf_counter() - started, 2)}
     config = {**layout, "checker": data.checker_name, "kind": data.meta["kind"], "init": init}
     write_outputs(params, paths, objective, trainer, tokenizer, config, summary, tracker)
@@ -215,15 +207,15 @@ def task_model_description(name: str, objective: str) -> str:
             f"Load: `mlflow.pyfunc.load_model(\"models:/{name}@champion\").predict([\"57+38=\"])` -> one "
             "completion per prompt, greedy and cut at `<eos>` by default (e.g. `<answer>95</answer>`); sampler "
             f"params: `max_new_tokens`, {SAMPLERS[objective]}, `seed`. Or: "
-            f"`python -m pipeline_lib.text.generate models:/{name}@champion --prompt \"57+38=\" --temperature 0`.")
+            f"`python -m pipeline_lib.text.serving models:/{name}@champion --prompt \"57+38=\" --temperature 0`.")
 
 
-def register_task_model(params: Params, folder: Path, tracker: Tracker, task: dict[str, Any], *, objective: str,
+def register_task_model(params: TextParams, folder: Path, tracker: Tracker, task: dict[str, Any], *, objective: str,
                         headline: str, started_from: str | None) -> int | None:
     """Register a task model folder as a version of `<tracking.task_model>-<objective>`; greedy completions by
     default."""
-    from pipeline_lib.registry import register_model
-    from pipeline_lib.text.generate import LanguageModel
+    from pipeline_lib.core.registry import register_model
+    from pipeline_lib.text.serving import LanguageModel
 
     if tracker.run_id is None:
         return None
@@ -237,11 +229,11 @@ def register_task_model(params: Params, folder: Path, tracker: Tracker, task: di
                           started_from=started_from)
 
 
-def write_outputs(params: Params, paths: SFTPaths, objective: str, trainer: Trainer, tokenizer: SpecialTokens,
+def write_outputs(params: TextParams, paths: SFTPaths, objective: str, trainer: Trainer, tokenizer: SpecialTokens,
                   task: dict[str, Any], summary: dict[str, Any], tracker: Tracker) -> None:
     """Model folder, loss curve and metrics, staged and renamed into place; the pretrained-then-finetuned model
     is registered (tags: objective, stage, lineage to the pretrained version), the baseline only measured."""
-    from pipeline_lib.eval.plots import write_csv
+    from pipeline_lib.core.outputs import write_csv
 
     model: TransformerLM = trainer.model  # type: ignore[assignment]
     upstream = read_run_record(paths.pretrained) if paths.pretrained else {}

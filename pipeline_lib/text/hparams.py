@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pipeline_lib.config import load_params
+from pipeline_lib.core.config import load_params
+from pipeline_lib.text.config import TextParams
 
 LR_COEF = 0.3118
 LR_EXP = -0.125
@@ -252,7 +253,7 @@ def _model_shape(args: argparse.Namespace) -> tuple[int, int, int]:
     """(n_layer, d_model, seq_len): the flags, filled from `text_model` of --params where not given."""
     shape = {"n_layer": args.n_layer, "d_model": args.d_model, "seq_len": args.seq_len}
     if args.params is not None:
-        model = load_params(args.params, args.overrides).text_model
+        model = load_params(args.params, TextParams, args.overrides, view=True).text_model
         shape = {key: getattr(model, key) if value is None else value for key, value in shape.items()}
     missing = [f"--{key.replace('_', '-')}" for key, value in shape.items() if value is None]
     if missing:

@@ -1,7 +1,7 @@
 """Task models of the text track: the tokens they add, how task examples become training rows, and how a model
 completes a batch of prompts (for GRPO's groups, the evaluation and the registered model alike).
 
-A task model is a language model of `pipeline_lib.text.lm` whose vocabulary gained three special tokens
+A task model is a language model of `pipeline_lib.text.pretrain` whose vocabulary gained three special tokens
 (`SPECIALS`): ``<answer>``, ``</answer>`` and the end-of-sequence token ``<eos>``. Its completion of a prompt is
 ``<answer>579</answer><eos>``: the answer in tags (`tasks.format_answer`), then end of sequence.
 
@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline_lib.config import ConfigError
-from pipeline_lib.models.transformer import TransformerLM
-from pipeline_lib.text.sampling import generate_ar, generate_mdm
-from pipeline_lib.text.tasks import ANSWER_CLOSE, ANSWER_OPEN, Example, format_answer
-from pipeline_lib.text.tokenizer import SpecialTokens, Tokenizer
+from pipeline_lib.core.errors import ConfigError
+from pipeline_lib.text.data.tasks import ANSWER_CLOSE, ANSWER_OPEN, Example, format_answer
+from pipeline_lib.text.data.tokenizer import SpecialTokens, Tokenizer
+from pipeline_lib.text.models.sampling import generate_ar, generate_mdm
+from pipeline_lib.text.models.transformer import TransformerLM
 
 EOS = "<eos>"
 SPECIALS = (ANSWER_OPEN, ANSWER_CLOSE, EOS)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline_lib.text.generate import LanguageModel, SamplerSettings
+from pipeline_lib.text.serving import LanguageModel, SamplerSettings
 
 
 def _run(repo: Path, *command: str) -> str:
@@ -338,7 +338,7 @@ def _check_language_models(repo: Path, client: mlflow.MlflowClient) -> None:
     texts = model.predict(["The ", "A "], params={"max_new_tokens": 6, "seed": 1})
     local = LanguageModel.from_folder(repo / "models/text/ar")
     assert texts == [local.generate(prompt, SamplerSettings(max_new_tokens=6, seed=1))[0] for prompt in ("The ", "A ")]
-    done = subprocess.run(["python", "-m", "pipeline_lib.text.generate", "models:/ssl-pipeline-lm-mdm@challenger",
+    done = subprocess.run(["python", "-m", "pipeline_lib.text.serving", "models:/ssl-pipeline-lm-mdm@challenger",
                            "--prompt", "The ", "--max-new-tokens", "8", "--block-length", "4", "--steps", "4"],
                           cwd=repo, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db"})

@@ -46,7 +46,7 @@ ROUNDS = [
 TOTAL_STEPS = 40  # of every trainer, with the params below
 # Keys that measure the machine, not the model: throughput and wall-clock seconds. `resumed_from_step` is
 # compared with where the kill landed instead.
-UNTIMED = re.compile(r"(^|\.)(images_per_second|train_seconds)(\.|$)")
+UNTIMED = re.compile(r"(^|\.)(images_per_second|samples_per_second|tokens_per_second|train_seconds)(\.|$)")
 
 
 def _run(repo: Path, *command: str) -> str:

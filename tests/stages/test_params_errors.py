@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline_lib.config import ConfigError, Params, load_params, params_from_dict
-from pipeline_lib.data.prepare import prepare_dataset
-from pipeline_lib.text.corpus import prepare_text
-from pipeline_lib.text.task_data import prepare_task
+from pipeline_lib.core.errors import ConfigError
+from pipeline_lib.params import Params, load_params, params_from_dict
+from pipeline_lib.text.data.corpus import prepare_text
+from pipeline_lib.text.data.task_data import prepare_task
+from pipeline_lib.vision.data.prepare import prepare_dataset
 
 VISION_OUTS = ["--out", "models/pretrain", "--metrics", "metrics/pretrain.json", "--plots", "plots/pretrain",
                "--checkpoints", "checkpoints/pretrain"]
@@ -154,14 +155,14 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ({"pretrain": {"batch_size": 512}}, r"^pretrain\.batch_size=512: is larger than the 160 unlabeled images"),
 ], ids=["timm-vit-own-patch", "unknown-timm-name", "mae-needs-a-vit", "no-efficientnet-near", "batch-over-split"])
 def test_pretrain_checks_its_inputs(digits: Path, tmp_path: Path, changes: dict[str, Any], message: str) -> None:
-    from pipeline_lib.trainers.pretrain import PretrainPaths, check_inputs
+    from pipeline_lib.vision.pretrain import PretrainPaths, check_inputs
 
     with pytest.raises(ConfigError, match=message):
         check_inputs(params_from_dict(changes), PretrainPaths(digits, *(tmp_path / n for n in "ompc")))
 
 
 def test_finetune_checks_its_batch_against_the_labeled_split(digits: Path, tmp_path: Path) -> None:
-    from pipeline_lib.trainers.finetune import FinetunePaths, check_inputs
+    from pipeline_lib.vision.finetune import FinetunePaths, check_inputs
 
     paths = FinetunePaths(digits, None, *(tmp_path / n for n in "ompc"))
     check_inputs(params_from_dict({"finetune": {"batch_size": 16}}), paths)
@@ -170,7 +171,7 @@ def test_finetune_checks_its_batch_against_the_labeled_split(digits: Path, tmp_p
 
 
 def test_rl_checks_the_cost_matrix_against_the_classifier_classes(digits: Path, tmp_path: Path) -> None:
-    from pipeline_lib.rl.post_train import RLPaths, check_inputs
+    from pipeline_lib.vision.rl import RLPaths, check_inputs
 
     classifier = tmp_path / "classifier"
     classifier.mkdir()
@@ -187,7 +188,7 @@ def test_rl_checks_the_cost_matrix_against_the_classifier_classes(digits: Path, 
 
 
 def test_rl_refuses_an_empty_rl_split_naming_rl_fraction(tmp_path: Path) -> None:
-    from pipeline_lib.rl.post_train import RLPaths, check_inputs
+    from pipeline_lib.vision.rl import RLPaths, check_inputs
 
     data = params_from_dict({"data": {"max_images": 100, "rl_fraction": 0.0}}).data
     prepare_dataset(data, 0, tmp_path / "prepared", tmp_path / "cache")
@@ -196,7 +197,10 @@ def test_rl_refuses_an_empty_rl_split_naming_rl_fraction(tmp_path: Path) -> None
 
 
 def test_text_stages_check_their_inputs(text_project: Path) -> None:
-    from pipeline_lib.text import evaluate, grpo, lm, task_data
+    from pipeline_lib.text import evaluate
+    from pipeline_lib.text import pretrain as lm
+    from pipeline_lib.text import rl as grpo
+    from pipeline_lib.text.data import task_data
 
     data, task = text_project / "data/text/prepared", text_project / "data/text/task"
     train_tokens = json.loads((data / "meta.json").read_text())["num_tokens"]["train"]

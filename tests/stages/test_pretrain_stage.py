@@ -16,8 +16,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline_lib.config import DataParams
-from pipeline_lib.data.prepare import prepare_dataset
+from pipeline_lib.vision.config import DataParams
+from pipeline_lib.vision.data.prepare import prepare_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 

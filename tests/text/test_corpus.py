@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline_lib.data.download import DataError, sha256_file
-from pipeline_lib.text import corpus
-from pipeline_lib.text.corpus import prepare_text, read_source, read_text_meta, read_tokens, split_text
-from pipeline_lib.text.tokenizer import CharTokenizer, load_tokenizer
+from pipeline_lib.core.download import sha256_file
+from pipeline_lib.core.errors import DataError
+from pipeline_lib.text.data import corpus
+from pipeline_lib.text.data.corpus import prepare_text, read_source, read_text_meta, read_tokens, split_text
+from pipeline_lib.text.data.tokenizer import CharTokenizer, load_tokenizer
 
 LINES = "".join(f"line {i}: the quick brown fox\n" for i in range(200))
 URL, ZEROS = "http://127.0.0.1:9/x.txt", "0" * 64

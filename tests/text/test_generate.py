@@ -10,12 +10,12 @@ import mlflow
 import pytest
 import torch
 
-from pipeline_lib.config import params_from_dict
-from pipeline_lib.registry import register_model
-from pipeline_lib.text.corpus import prepare_text
-from pipeline_lib.text.generate import LanguageModel, SamplerSettings, generate_text, main
-from pipeline_lib.text.lm import LMPaths, language_model_description, language_model_kind, run_text_pretrain
-from pipeline_lib.tracking import Tracker
+from pipeline_lib.core.registry import register_model
+from pipeline_lib.core.tracking import Tracker
+from pipeline_lib.params import params_from_dict
+from pipeline_lib.text.data.corpus import prepare_text
+from pipeline_lib.text.pretrain import LMPaths, language_model_description, language_model_kind, run_text_pretrain
+from pipeline_lib.text.serving import LanguageModel, SamplerSettings, generate_text, main
 
 CORPUS = "the cat sat on the mat.\n" * 40 + "a dog ran.\n" * 10
 

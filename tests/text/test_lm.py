@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from pipeline_lib.config import params_from_dict
-from pipeline_lib.text.corpus import prepare_text
-from pipeline_lib.text.lm import LMPaths, LMTrainer, build_lm, load_lm, run_text_pretrain, token_windows
-from pipeline_lib.tracking import Tracker
+from pipeline_lib.core.tracking import Tracker
+from pipeline_lib.params import params_from_dict
+from pipeline_lib.text.data.corpus import prepare_text
+from pipeline_lib.text.models.saved import load_lm
+from pipeline_lib.text.pretrain import LMPaths, LMTrainer, build_lm, run_text_pretrain, token_windows
 
 
 def test_windows_are_a_view_that_overlaps_by_one_token() -> None:
@@ -32,7 +32,7 @@ def _params(**pretrain: object):
 
 def _trainer(objective: str, tmp_path: Path, windows: np.ndarray) -> LMTrainer:
     params = _params()
-    return LMTrainer(build_lm(12, params, objective), params.text_pretrain, windows, nn.Identity(),
+    return LMTrainer(build_lm(12, params, objective), params.text_pretrain, windows,
                      objective=objective, mdm_eps=1e-3, device=torch.device("cpu"), seed=0,
                      checkpoint_dir=tmp_path / objective, tracker=Tracker(), fingerprint="f")
 
@@ -64,7 +64,7 @@ def test_mdm_masks_are_drawn_for_the_global_batch(tmp_path: Path) -> None:
     batch = next(trainer.micro_batches(0))
     trainer.compute_loss(batch)
     whole = seen[-1]
-    half = type(batch)(batch.images[1::2], None, slice(1, 4, 2), batch.global_size,
+    half = type(batch)(batch.inputs[1::2], None, slice(1, 4, 2), batch.global_size,
                        torch.Generator().manual_seed(batch.generator.initial_seed()), 0)
     trainer.compute_loss(half)
     assert torch.equal(seen[-1], whole[1::2])

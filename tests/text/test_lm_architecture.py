@@ -11,11 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline_lib.config import params_from_dict
-from pipeline_lib.text.corpus import prepare_text
+from pipeline_lib.core.tracking import Tracker
+from pipeline_lib.params import params_from_dict
+from pipeline_lib.text.data.corpus import prepare_text
 from pipeline_lib.text.hparams import law_batch_tokens
-from pipeline_lib.text.lm import LMPaths, load_lm, run_text_pretrain
-from pipeline_lib.tracking import Tracker
+from pipeline_lib.text.models.saved import load_lm
+from pipeline_lib.text.pretrain import LMPaths, run_text_pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,8 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline_lib.config import ConfigError, params_from_dict
-from pipeline_lib.models.transformer import TransformerLM, grow_vocab
+from pipeline_lib.core.errors import ConfigError
+from pipeline_lib.params import params_from_dict
+from pipeline_lib.text.data.task_data import SPLITS, build_splits, prepare_task, read_task
+from pipeline_lib.text.data.tasks import Example, format_answer, write_jsonl
+from pipeline_lib.text.data.tokenizer import CharTokenizer, SpecialTokens
+from pipeline_lib.text.models.sampling import generate_ar, generate_mdm
+from pipeline_lib.text.models.transformer import TransformerLM, grow_vocab
 from pipeline_lib.text.rollout import (
     EOS,
     ROLE,
@@ -24,10 +29,6 @@ from pipeline_lib.text.rollout import (
     prompt_length,
     task_tokenizer,
 )
-from pipeline_lib.text.sampling import generate_ar, generate_mdm
-from pipeline_lib.text.task_data import SPLITS, build_splits, prepare_task, read_task
-from pipeline_lib.text.tasks import Example, format_answer, write_jsonl
-from pipeline_lib.text.tokenizer import CharTokenizer, SpecialTokens
 
 TOKENIZER = task_tokenizer(CharTokenizer.fit("0123456789+=", vocab_size=0))
 EOS_ID = TOKENIZER.token_id(EOS)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from pipeline_lib.models.transformer import TransformerLM
-from pipeline_lib.text.sampling import blocks, generate_ar, generate_mdm, schedule, window
+from pipeline_lib.text.models.sampling import blocks, generate_ar, generate_mdm, schedule, window
+from pipeline_lib.text.models.transformer import TransformerLM
 
 VOCAB = 9
 

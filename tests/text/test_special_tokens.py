@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_lib.text.tokenizer import (
+from pipeline_lib.text.data.tokenizer import (
     FITTABLE,
     SpecialTokens,
     Tokenizer,

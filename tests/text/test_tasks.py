@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline_lib.text import tasks
-from pipeline_lib.text.tasks import (
+from pipeline_lib.text.data import tasks
+from pipeline_lib.text.data.tasks import (
     Example,
     addition,
     countdown,

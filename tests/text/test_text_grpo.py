@@ -17,12 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline_lib.config import TextRLParams, params_from_dict
-from pipeline_lib.losses.grpo import group_advantages, grpo_loss, k3_kl
-from pipeline_lib.losses.lm import mdm_corrupt, sft_ar_loss, sft_mdm_loss
-from pipeline_lib.models.transformer import TransformerLM, grow_vocab
-from pipeline_lib.rewards.text import CHECKERS, accuracy_reward, format_reward
-from pipeline_lib.text.grpo import NoLearningSignal, TextGRPOTrainer, check_signal, probe_signal, reward_of, token_logps
+from pipeline_lib.core.grpo import group_advantages, grpo_loss, k3_kl
+from pipeline_lib.core.tracking import Tracker
+from pipeline_lib.params import params_from_dict
+from pipeline_lib.text.config import TextRLParams
+from pipeline_lib.text.data.checkers import CHECKERS
+from pipeline_lib.text.data.tasks import Example
+from pipeline_lib.text.data.tokenizer import CharTokenizer
+from pipeline_lib.text.losses import mdm_corrupt, sft_ar_loss, sft_mdm_loss
+from pipeline_lib.text.models.transformer import TransformerLM, grow_vocab
+from pipeline_lib.text.rewards import accuracy_reward, format_reward
+from pipeline_lib.text.rl import NoLearningSignal, TextGRPOTrainer, check_signal, probe_signal, reward_of, token_logps
 from pipeline_lib.text.rollout import (
     EOS,
     ROLE,
@@ -33,10 +38,7 @@ from pipeline_lib.text.rollout import (
     encode_prompts,
     task_tokenizer,
 )
-from pipeline_lib.text.task_eval import evaluate_task_model, pass_at_k
-from pipeline_lib.text.tasks import Example
-from pipeline_lib.text.tokenizer import CharTokenizer
-from pipeline_lib.tracking import Tracker
+from pipeline_lib.text.task_evaluate import evaluate_task_model, pass_at_k
 
 TOKENIZER = task_tokenizer(CharTokenizer.fit("0123456789+=", vocab_size=0))
 EOS_ID = TOKENIZER.token_id(EOS)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_lib.models.transformer import TransformerLM
 from pipeline_lib.text.evaluate import ar_nats, sliding_windows
+from pipeline_lib.text.models.transformer import TransformerLM
 
 
 @pytest.mark.parametrize(("num_tokens", "length", "stride"), [(11, 4, 2), (50, 8, 3), (9, 8, 8), (40, 8, 8)])

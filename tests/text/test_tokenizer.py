@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_lib.data.download import DataError
-from pipeline_lib.text.tokenizer import (
+from pipeline_lib.core.errors import DataError
+from pipeline_lib.text.data.tokenizer import (
     REPLACEMENT_CHAR,
     TOKENIZERS,
     BpeTokenizer,

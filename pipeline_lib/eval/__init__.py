@@ -1,1 +1,0 @@
-"""Evaluation: representation probes (kNN, linear), classification metrics, calibration, plots."""

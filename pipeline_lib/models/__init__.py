@@ -1,1 +1,0 @@
-"""Models: encoder factory over timm, MAE, contrastive heads, preprocessing."""

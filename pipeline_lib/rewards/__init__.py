@@ -1,1 +1,0 @@
-"""Declared rewards for RL post-training: pure rule functions of (action, label), never learned."""

@@ -1,1 +1,0 @@
-"""RL post-training of a classifier: the policy built from the finetuned model, and its decisions."""

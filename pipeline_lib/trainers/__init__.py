@@ -1,1 +1,0 @@
-"""Trainers: the base loop and one trainer per method."""
