@@ -164,6 +164,37 @@ class TrainParams:
 
 
 
+@dataclass(frozen=True)
+class GRPOParams(TrainParams):
+    """The GRPO keys both tracks' rl sections share (`pipeline_lib.core.grpo`): `group_size` samples per input at
+    `temperature`, group-relative advantages (`scale_rewards`: `group` divides by each group's std, `none` is
+    Dr. GRPO), `num_iterations` updates per sampled batch against the sampling policy with the clip range
+    `epsilon` / `epsilon_high`, and a k3 KL penalty `beta` to the frozen reference."""
+
+    section: ClassVar[str] = "grpo"
+
+    group_size: int = 8
+    temperature: float = 1.0
+    scale_rewards: RewardScale = "group"
+    epsilon: float = 0.2
+    epsilon_high: float = 0.28
+    num_iterations: int = 1
+    beta: float = 0.04
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        key = f"{self.section}."
+        _check(self.group_size >= 2, key + "group_size", self.group_size,
+               "must be >= 2 (advantages are relative to the group)")
+        _check(self.temperature > 0, key + "temperature", self.temperature,
+               "must be > 0 (greedy samples of an input would all be the same)")
+        _check(0 < self.epsilon < 1, key + "epsilon", self.epsilon, "must be in (0, 1)")
+        _check(self.epsilon_high >= self.epsilon, key + "epsilon_high", self.epsilon_high,
+               f"must be >= {key}epsilon={self.epsilon} (clip-higher widens only the upper side)")
+        _check(self.num_iterations >= 1, key + "num_iterations", self.num_iterations, "must be a positive integer")
+        _check(self.beta >= 0, key + "beta", self.beta, "must be >= 0 (0: no KL penalty)")
+
+
 MetricMode = Literal["max", "min"]
 
 

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from pipeline_lib.core.config import _SHA256, CoreParams, RewardScale, TrainParams, _check
+from pipeline_lib.core.config import _SHA256, CoreParams, GRPOParams, TrainParams, _check
 
 TextSource = Literal["embedded", "url", "folder"]
 
@@ -276,7 +276,7 @@ class TextSFTParams(LMTrainParams):
 
 
 @dataclass(frozen=True)
-class TextRLParams(TrainParams):
+class TextRLParams(GRPOParams):
     """GRPO of a finetuned language model on the task's `rl` split against a rule reward (`losses.grpo`).
 
     `batch_size` counts prompts; each gets `group_size` completions sampled at `temperature` (`mdm`: LLaDA's
@@ -294,16 +294,9 @@ class TextRLParams(TrainParams):
     weight_decay: float = 0.0
     adam_beta2: float = 0.99
     clip_grad: float | None = 1.0
-    group_size: int = 8
-    temperature: float = 1.0
     block_length: int = 8
     reward: TextReward = "combined"
     format_score: float = 0.1
-    scale_rewards: RewardScale = "group"
-    epsilon: float = 0.2
-    epsilon_high: float = 0.28
-    num_iterations: int = 1
-    beta: float = 0.04
     aggregation: Aggregation = "token"
     prompt_mask_prob: float = 0.15
     samples_every: int = 20
@@ -311,18 +304,9 @@ class TextRLParams(TrainParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.group_size >= 2, "text_rl.group_size", self.group_size,
-               "must be >= 2 (advantages are relative to the group)")
-        _check(self.temperature > 0, "text_rl.temperature", self.temperature,
-               "must be > 0 (greedy completions of a prompt would all be the same)")
         _check(self.block_length >= 1, "text_rl.block_length", self.block_length, "must be a positive integer")
         _check(0 <= self.format_score < 1, "text_rl.format_score", self.format_score,
                "must be in [0, 1) (a right answer earns 1)")
-        _check(0 < self.epsilon < 1, "text_rl.epsilon", self.epsilon, "must be in (0, 1)")
-        _check(self.epsilon_high >= self.epsilon, "text_rl.epsilon_high", self.epsilon_high,
-               f"must be >= text_rl.epsilon={self.epsilon} (clip-higher widens only the upper side)")
-        _check(self.num_iterations >= 1, "text_rl.num_iterations", self.num_iterations, "must be a positive integer")
-        _check(self.beta >= 0, "text_rl.beta", self.beta, "must be >= 0 (0: no KL penalty)")
         _check(0 <= self.prompt_mask_prob < 1, "text_rl.prompt_mask_prob", self.prompt_mask_prob, "must be in [0, 1)")
         _check(self.samples_every >= 1, "text_rl.samples_every", self.samples_every, "must be a positive integer")
 

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from pipeline_lib.core.config import _SHA256, CoreParams, RewardScale, TrainParams, _check, _fail
+from pipeline_lib.core.config import _SHA256, CoreParams, GRPOParams, RewardScale, TrainParams, _check, _fail
 
 DataSource = Literal["digits", "cifar10", "stl10", "imagefolder"]
 
@@ -351,7 +351,7 @@ class RewardParams:
 
 
 @dataclass(frozen=True)
-class RLParams(TrainParams):
+class RLParams(GRPOParams):
     """GRPO post-training of the finetuned classifier on the `rl` split (see `pipeline_lib.core.grpo`).
 
     Per image, `group_size` actions are sampled from softmax(logits / temperature) (+ abstain); each sampled
@@ -369,25 +369,8 @@ class RLParams(TrainParams):
     adam_beta2: float = 0.999
     warmup_epochs: float = 0.0
     weight_decay: float = 0.0
-    group_size: int = 8
-    temperature: float = 1.0
     scale_rewards: RewardScale = "none"
-    epsilon: float = 0.2
-    epsilon_high: float = 0.28
-    num_iterations: int = 1
-    beta: float = 0.04
     head_only: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(self.group_size >= 2, "rl.group_size", self.group_size,
-               "must be >= 2 (advantages are relative to the group)")
-        _check(self.temperature > 0, "rl.temperature", self.temperature, "must be > 0")
-        _check(0 < self.epsilon < 1, "rl.epsilon", self.epsilon, "must be in (0, 1)")
-        _check(self.epsilon_high >= self.epsilon, "rl.epsilon_high", self.epsilon_high,
-               f"must be >= rl.epsilon={self.epsilon} (clip-higher widens only the upper side)")
-        _check(self.num_iterations >= 1, "rl.num_iterations", self.num_iterations, "must be a positive integer")
-        _check(self.beta >= 0, "rl.beta", self.beta, "must be >= 0 (0: no KL penalty)")
 
 
 # Side of the square images each source prepares (`pipeline_lib.vision.data.sources`); imagefolder: `data.image_size`.
