@@ -28,11 +28,10 @@ from pipeline_lib.params import load_params
 from pipeline_lib.vision.data.store import read_split
 from pipeline_lib.vision.decisions import decision_report
 from pipeline_lib.vision.evaluate import predict_probabilities
-from pipeline_lib.vision.grpo import CrossEntropyTrainer, ExpectedRewardTrainer, GRPOTrainer
 from pipeline_lib.vision.models.classifier import AbstainClassifier
 from pipeline_lib.vision.models.factory import load_network
 from pipeline_lib.vision.rewards import bayes_actions
-from pipeline_lib.vision.rl import reward_table
+from pipeline_lib.vision.rl import TRAINERS, CrossEntropyTrainer, reward_table
 
 
 def main() -> None:
@@ -66,8 +65,7 @@ def main() -> None:
     scored("reference", ref_probs.argmax(1), padded, 0.0)
     bayes = bayes_actions(torch.as_tensor(ref_probs), torch.as_tensor(table)).numpy()
     scored("bayes(reference)", bayes, None, 0.0)
-    for name, cls in (("grpo", GRPOTrainer), ("expected_reward", ExpectedRewardTrainer),
-                      ("cross_entropy", CrossEntropyTrainer)):
+    for name, cls in TRAINERS.items():  # grpo, expected_reward, cross_entropy
         torch.manual_seed(params.seed)
         policy = copy.deepcopy(reference)
         if abstains and cls is not CrossEntropyTrainer:

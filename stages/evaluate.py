@@ -8,16 +8,30 @@ Usage: python -m stages.evaluate --params params.yaml --data data/prepared --enc
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+from typing import Any
 
-from pipeline_lib.core import dist
 from pipeline_lib.core.config import flatten
-from pipeline_lib.core.errors import ConfigError, DataError
-from pipeline_lib.core.tracking import TrackingUnavailable, read_run_record, stage_run
+from pipeline_lib.core.runner import Stage, run_stage, stage_parser
 from pipeline_lib.params import load_params
 from pipeline_lib.vision.data.store import prepared_digest
 from pipeline_lib.vision.evaluate import EvaluatePaths, run_evaluate
+
+
+def main() -> None:
+    parser = stage_parser(__doc__, "data", "encoder", "metrics", "plots")
+    parser.add_argument("--classifier", type=classifier, action="append", required=True,
+                        help="NAME=FOLDER of a finetuned classifier; repeat (ssl, scratch)")
+    args = parser.parse_args()
+    paths = EvaluatePaths(args.data, args.encoder, dict(args.classifier), args.metrics, args.plots)
+    run_stage(Stage(
+        "evaluate", load_params, device=True, report=lambda summary: report(summary, paths.classifiers),
+        logged=lambda params: {"device": params.device, **flatten(params.evaluate, prefix="evaluate.")},
+        inputs=lambda: {"data": prepared_digest(paths.data)},
+        upstream={"fetch": paths.data, "pretrain": paths.encoder,
+                  **{f"finetune.{name}": folder for name, folder in paths.classifiers.items()}},
+        run=lambda params, tracker, device: run_evaluate(params, paths, tracker, device),
+    ), args.params)
 
 
 def classifier(text: str) -> tuple[str, Path]:
@@ -27,32 +41,11 @@ def classifier(text: str) -> tuple[str, Path]:
     return name, Path(folder)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--classifier", type=classifier, action="append", required=True,
-                        help="NAME=FOLDER of a finetuned classifier; repeat (ssl, scratch)")
-    for name in ("data", "encoder", "metrics", "plots"):
-        parser.add_argument(f"--{name}", type=Path, required=True)
-    args = parser.parse_args()
-    paths = EvaluatePaths(args.data, args.encoder, dict(args.classifier), args.metrics, args.plots)
-    try:
-        params = load_params(args.params)  # every params error surfaces here, before any work
-        device = dist.resolve_device(params.device)
-        records = {name: read_run_record(folder) for name, folder in paths.classifiers.items()}
-        upstream = {"fetch": read_run_record(paths.data).get("run_id", "unknown"),
-                    "pretrain": read_run_record(paths.encoder).get("run_id", "unknown"),
-                    **{f"finetune.{name}": r.get("run_id", "unknown") for name, r in records.items()}}
-        logged = {"device": params.device, **flatten(params.evaluate, prefix="evaluate.")}
-        with stage_run("evaluate", params, logged, inputs={"data": prepared_digest(paths.data)},
-                       upstream=upstream) as tracker:
-            summary = run_evaluate(params, paths, tracker, device)
-    except (ConfigError, DataError, TrackingUnavailable, FileNotFoundError, ValueError) as err:
-        sys.exit(f"evaluate: {err}")
-    line = {f"{name}.top1": summary[name]["top1"] for name in paths.classifiers}
+def report(summary: dict[str, Any], classifiers: dict[str, Path]) -> str:
+    line = {f"{name}.top1": summary[name]["top1"] for name in classifiers}
     line.update({f"gain.{k}": v for k, v in summary.get("gain", {}).items()})
     line.update({f"encoder.{k}": v for k, v in summary["encoder"].items()})
-    print("evaluate: " + ", ".join(f"{k} {v:.4f}" for k, v in line.items()))
+    return ", ".join(f"{k} {v:.4f}" for k, v in line.items())
 
 
 if __name__ == "__main__":

@@ -7,46 +7,22 @@ On N processes: torchrun --nproc_per_node N -m stages.pretrain <same arguments>
 
 from __future__ import annotations
 
-import argparse
-import sys
-from contextlib import nullcontext
-from pathlib import Path
-
-from pipeline_lib.core import dist
-from pipeline_lib.core.errors import ConfigError, DataError
-from pipeline_lib.core.tracking import Tracker, TrackingUnavailable, read_run_record, stage_run
-from pipeline_lib.core.trainer import NonFiniteLossError, read_checkpoint
+from pipeline_lib.core.runner import Stage, run_stage, stage_parser
 from pipeline_lib.params import load_params
 from pipeline_lib.vision.data.store import prepared_digest
 from pipeline_lib.vision.pretrain import PretrainPaths, check_inputs, fingerprint, logged_params, run_pretrain
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    for name in ("data", "out", "metrics", "plots", "checkpoints"):
-        parser.add_argument(f"--{name}", type=Path, required=True)
-    args = parser.parse_args()
+    args = stage_parser(__doc__, "data", "out", "metrics", "plots", "checkpoints").parse_args()
     paths = PretrainPaths(args.data, args.out, args.metrics, args.plots, args.checkpoints)
-    try:
-        params = load_params(args.params)  # every params error surfaces here, before any work
-        device = dist.resolve_device(params.device)
-        dist.init_distributed(device)
-        check_inputs(params, paths)  # params the data decides: before any work and any MLflow run
-        previous = read_checkpoint(paths.checkpoints / "last.pt", fingerprint(params, paths.data))
-        tracking = nullcontext(Tracker()) if not dist.is_main() else stage_run(
-            "pretrain", params, logged_params(params), inputs={"data": prepared_digest(paths.data)},
-            upstream={"fetch": read_run_record(paths.data).get("run_id", "unknown")},
-            resume_run_id=previous and previous.get("run_id"),
-        )
-        with tracking as tracker:
-            summary = run_pretrain(params, paths, tracker, device)
-    except (ConfigError, DataError, TrackingUnavailable, NonFiniteLossError, ValueError) as err:
-        sys.exit(f"pretrain: {err}")
-    finally:
-        dist.cleanup()
-    if dist.is_main():
-        print("pretrain: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+    run_stage(Stage(
+        "pretrain", load_params, device=True, logged=logged_params,
+        check=lambda params: check_inputs(params, paths),  # params the data decides
+        inputs=lambda: {"data": prepared_digest(paths.data)}, upstream={"fetch": paths.data},
+        checkpoints=paths.checkpoints, fingerprint=lambda params: fingerprint(params, paths.data),
+        run=lambda params, tracker, device: run_pretrain(params, paths, tracker, device),
+    ), args.params)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,9 @@ or all wrong). On N processes: torchrun --nproc_per_node N -m stages.text_rl <sa
 
 from __future__ import annotations
 
-import argparse
-import sys
-from contextlib import nullcontext
-from pathlib import Path
+from typing import Any
 
-from pipeline_lib.core import dist
-from pipeline_lib.core.errors import ConfigError, DataError
-from pipeline_lib.core.tracking import Tracker, TrackingUnavailable, read_run_record, stage_run
-from pipeline_lib.core.trainer import CHECKPOINT_NAME, NonFiniteLossError, read_checkpoint
+from pipeline_lib.core.runner import Stage, model_version_tags, run_stage, stage_parser
 from pipeline_lib.params import load_params
 from pipeline_lib.text.data.task_data import task_digest
 from pipeline_lib.text.finetune import weights_digest
@@ -26,41 +20,27 @@ from pipeline_lib.text.rl import RLPaths, check_inputs, fingerprint, logged_para
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = stage_parser(__doc__, "task", "sft", "out", "metrics", "plots", "checkpoints")
     parser.add_argument("--objective", choices=OBJECTIVES, required=True)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    for name in ("task", "sft", "out", "metrics", "plots", "checkpoints"):
-        parser.add_argument(f"--{name}", type=Path, required=True)
     args = parser.parse_args()
+    objective = args.objective
     paths = RLPaths(args.task, args.sft, args.out, args.metrics, args.plots, args.checkpoints)
-    name = f"text_rl_{args.objective}"
-    try:
-        params = load_params(args.params)  # every params error surfaces here, before any work
-        device = dist.resolve_device(params.device)
-        dist.init_distributed(device)
-        check_inputs(params, paths, args.objective)  # params the task decides: before any work and any MLflow run
-        previous = read_checkpoint(paths.checkpoints / CHECKPOINT_NAME, fingerprint(params, paths, args.objective))
-        record = read_run_record(paths.sft)
-        tracking = nullcontext(Tracker()) if not dist.is_main() else stage_run(
-            name, params, logged_params(params, args.objective),
-            inputs={"task": task_digest(paths.task), "sft": weights_digest(paths.sft)},
-            upstream={"text_task": read_run_record(paths.task).get("run_id", "unknown"),
-                      f"text_sft_{args.objective}": record.get("run_id", "unknown")},
-            resume_run_id=previous and previous.get("run_id"),
-            extra_tags={"objective": args.objective, "sft.model_name": str(record.get("model_name")),
-                        "sft.model_version": str(record.get("model_version"))},
-        )
-        with tracking as tracker:
-            summary = run_text_rl(params, paths, args.objective, tracker, device)
-    except (ConfigError, DataError, NonFiniteLossError, TrackingUnavailable, FileNotFoundError, ValueError) as err:
-        sys.exit(f"{name}: {err}")
-    finally:
-        dist.cleanup()
-    if dist.is_main():
-        first, last = summary["first"], summary["last"]
-        print(f"{name}: {summary['steps']} steps in {summary['rl_seconds']:.1f} s, rl-batch reward "
-              f"{first.get('reward', float('nan')):.3f} -> {last.get('reward', float('nan')):.3f}, "
-              f"kl {last.get('kl', float('nan')):.4f}")
+    run_stage(Stage(
+        f"text_rl_{objective}", load_params, device=True, logged=lambda params: logged_params(params, objective),
+        check=lambda params: check_inputs(params, paths, objective),  # params the task decides
+        inputs=lambda: {"task": task_digest(paths.task), "sft": weights_digest(paths.sft)},
+        upstream={"text_task": paths.task, f"text_sft_{objective}": paths.sft},
+        tags=lambda: {"objective": objective, **model_version_tags("sft", paths.sft)},
+        checkpoints=paths.checkpoints, fingerprint=lambda params: fingerprint(params, paths, objective),
+        run=lambda params, tracker, device: run_text_rl(params, paths, objective, tracker, device), report=report,
+    ), args.params)
+
+
+def report(summary: dict[str, Any]) -> str:
+    first, last = summary["first"], summary["last"]
+    return (f"{summary['steps']} steps in {summary['rl_seconds']:.1f} s, rl-batch reward "
+            f"{first.get('reward', float('nan')):.3f} -> {last.get('reward', float('nan')):.3f}, "
+            f"kl {last.get('kl', float('nan')):.4f}")
 
 
 if __name__ == "__main__":

@@ -6,36 +6,38 @@ Generated splits never share a prompt; JSONL files are validated line by line an
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
+from typing import Any
 
 from pipeline_lib.core.config import flatten
-from pipeline_lib.core.errors import ConfigError
-from pipeline_lib.core.tracking import TrackingUnavailable, stage_run, write_run_record
-from pipeline_lib.params import load_params
+from pipeline_lib.core.runner import Stage, run_stage, stage_parser
+from pipeline_lib.core.tracking import Tracker, write_run_record
+from pipeline_lib.params import Params, load_params
 from pipeline_lib.text.data.task_data import META_FILE, check_inputs, prepare_task
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser = stage_parser(__doc__)
     parser.add_argument("--out", type=Path, required=True, help="task folder (the stage's out)")
     args = parser.parse_args()
-    try:
-        params = load_params(args.params)  # every params error surfaces here, before any work
-        check_inputs(params)  # the task's size and files, before any MLflow run
-        with stage_run("text_task", params, {"seed": params.seed, **flatten(params.text_task, "text_task.")}) as run:
-            meta = prepare_task(params, args.out)
-            run.log_metrics({f"{split}.examples": n for split, n in meta["sizes"].items()})
-            run.set_tags({"task.kind": meta["kind"], "task.checker": meta["checker"],
-                          **{f"input.{name}.sha256": digest for name, digest in meta["sha256"].items()}})
-            run.log_artifact(args.out / META_FILE)
-            write_run_record(args.out / "run.json", run)
-    except (ConfigError, TrackingUnavailable, FileNotFoundError, ValueError) as err:
-        sys.exit(f"text_task: {err}")
-    sizes = ", ".join(f"{split} {n}" for split, n in meta["sizes"].items())
-    print(f"text_task: {meta['kind']} ({meta['checker']} checker) -> {args.out}: {sizes}")
+    run_stage(Stage(
+        "text_task", load_params, check=check_inputs,  # the task's size and files
+        logged=lambda params: {"seed": params.seed, **flatten(params.text_task, "text_task.")},
+        run=lambda params, tracker, _: task(params, tracker, args.out),
+        report=lambda meta: f"{meta['kind']} ({meta['checker']} checker) -> {args.out}: "
+                            + ", ".join(f"{split} {n}" for split, n in meta["sizes"].items()),
+    ), args.params)
+
+
+def task(params: Params, tracker: Tracker, out: Path) -> dict[str, Any]:
+    """Write the task's splits into `out`, log their sizes and digests, and point `run.json` at the run."""
+    meta = prepare_task(params, out)
+    tracker.log_metrics({f"{split}.examples": n for split, n in meta["sizes"].items()})
+    tracker.set_tags({"task.kind": meta["kind"], "task.checker": meta["checker"],
+                      **{f"input.{name}.sha256": digest for name, digest in meta["sha256"].items()}})
+    tracker.log_artifact(out / META_FILE)
+    write_run_record(out / "run.json", tracker)
+    return meta
 
 
 if __name__ == "__main__":

@@ -4,12 +4,23 @@
 runs each section's `__post_init__` checks. Every error is a `ConfigError` whose message starts with the
 dotted key and the offending value and says what is accepted, e.g.
 `data.label_fraction=1.5: must be in (0, 1]`. Nothing else in the pipeline validates params again.
+
+Each numeric key's range is declared once, beside its field, and written as the error says it:
+
+    label_fraction: float = bounded(0.1, "(0, 1]")        # data.label_fraction=0.0: must be in (0, 1]
+    epochs: int = bounded(10, ">= 1")                     # pretrain.epochs=0: must be a positive integer
+    epsilon_high: float = unbounded(0.28, ">= epsilon: checked in __post_init__")
+
+Every section is a `Section`, whose `__post_init__` checks all declared bounds and names the key from the
+section's `section` (its dotted place in the file); rules that relate several keys (`min_lr <= base_lr`) stay
+as code in the section's own `__post_init__`, through `Section.require`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -34,8 +45,6 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _METRIC = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./ -]*")
 
 
-
-
 def _fail(key: str, value: Any, rule: str) -> typing.NoReturn:
     raise ConfigError(f"{key}={value!r}: {rule}")
 
@@ -45,8 +54,149 @@ def _check(ok: bool, key: str, value: Any, rule: str) -> None:
         _fail(key, value, rule)
 
 
+# -- bounds: each numeric key's accepted interval, declared once next to its field and checked by `Section`
+
+_BOUNDS = "bounds"  # the dataclass field-metadata key that holds a numeric field's `Bounds`
+_NUMBER = r"-?\d+(?:\.\d+)?(?:e-?\d+)?|\d+\*\*\d+"  # 1, 0.5, 1.0e-3, 2**32
+_ONE_SIDED = re.compile(rf"(>=|>|<=|<) ({_NUMBER})")
+_TWO_SIDED = re.compile(rf"([\[(])({_NUMBER}), ({_NUMBER})([\])])")
+
+
+def _number(text: str) -> float:
+    base, _, power = text.partition("**")
+    return int(base) ** int(power) if power else float(text)
+
+
 @dataclass(frozen=True)
-class TrackingParams:
+class Bounds:
+    """The values a numeric key accepts, parsed from the interval as a reader writes it and as errors say it:
+    `>= 1`, `> 0`, `<= 1`, `(0, 1]`, `[0, 2**32)`. No interval (`unbounded`) accepts every finite number.
+
+    `note` follows the rule in parentheses, e.g. what a boundary value means (`0: off`).
+    """
+
+    interval: str = ""
+    note: str = ""
+    lower: float = -math.inf
+    upper: float = math.inf
+    lower_open: bool = False
+    upper_open: bool = False
+
+    @classmethod
+    def parse(cls, interval: str, note: str = "") -> Bounds:
+        """`Bounds` from `>= 1`, `(0, 1]`, ...; a typo fails when the section's module is imported."""
+        if one := _ONE_SIDED.fullmatch(interval):
+            sign, number = one.group(1), _number(one.group(2))
+            if sign.startswith(">"):
+                return cls(interval, note, lower=number, lower_open=sign == ">")
+            return cls(interval, note, upper=number, upper_open=sign == "<")
+        if two := _TWO_SIDED.fullmatch(interval):
+            opening, lower, upper, closing = two.groups()
+            return cls(interval, note, _number(lower), _number(upper), opening == "(", closing == ")")
+        raise ValueError(f"bounds {interval!r}: write '>= a', '> a', '<= b', '< b' or an interval like '(a, b]'")
+
+    def admits(self, value: float) -> bool:
+        """Whether `value` lies in the interval."""
+        above = value > self.lower if self.lower_open else value >= self.lower
+        below = value < self.upper if self.upper_open else value <= self.upper
+        return above and below
+
+    def rule(self, *, integer: bool, optional: bool) -> str:
+        """What an error says is accepted: 'must be in (0, 1]', 'must be a positive integer or null (...)'.
+
+        Integer keys from 1 up are 'a positive integer'; integer keys from 0 say 'an integer' before the interval.
+        """
+        interval = f"in {self.interval}" if self.interval.startswith(("[", "(")) else self.interval
+        if integer and self.interval == ">= 1":
+            interval = "a positive integer"
+        elif integer and self.lower == 0 and not self.lower_open:
+            interval = f"an integer {interval}"
+        return f"must be {interval}" + (" or null" if optional else "") + (f" ({self.note})" if self.note else "")
+
+
+def bounded(default: Any, interval: str, note: str = "") -> Any:
+    """A numeric field's default and the values it accepts, declared once; `Section` checks every instance.
+
+    `epochs: int = bounded(10, ">= 1")` refuses `epochs: 0` with `<section>.epochs=0: must be a positive
+    integer`; `label_fraction: float = bounded(0.1, "(0, 1]")` says `must be in (0, 1]`. A subclass that only
+    changes the default (`epochs: int = 150`) keeps the bounds its base declared.
+    """
+    return dataclasses.field(default=default, metadata={_BOUNDS: Bounds.parse(interval, note)})
+
+
+def unbounded(default: Any, why: str) -> Any:
+    """A numeric field that accepts any finite value on its own; `why` says so, or which check relates it to
+    other keys (e.g. `epsilon_high >= epsilon`), so that no numeric key is left without a declared range."""
+    return dataclasses.field(default=default, metadata={_BOUNDS: Bounds(note=why)})
+
+
+@functools.cache
+def declared_bounds(cls: type) -> dict[str, tuple[Bounds, bool, bool]]:
+    """Each numeric field of the dataclass `cls`: (its bounds, whether it is an integer, whether null is accepted).
+
+    A field a subclass redeclares only to change its default keeps the bounds of the class that declared them.
+
+    Raises:
+        TypeError: a numeric field declares no bounds (`bounded` or `unbounded`): a mistake in the code.
+    """
+    declared: dict[str, Bounds] = {}
+    for klass in reversed(cls.__mro__):  # the base first, so a subclass's declaration wins
+        for field in vars(klass).get("__dataclass_fields__", {}).values():
+            if _BOUNDS in field.metadata:
+                declared[field.name] = field.metadata[_BOUNDS]
+    hints = typing.get_type_hints(cls)
+    numeric: dict[str, tuple[Bounds, bool, bool]] = {}
+    for field in dataclasses.fields(cls):
+        options = typing.get_args(hints[field.name]) or (hints[field.name],)
+        kinds = [option for option in options if option is not type(None)]
+        if kinds not in ([int], [float]):
+            continue
+        if field.name not in declared:
+            raise TypeError(f"{cls.__name__}.{field.name}: a numeric field declares its range with bounded() or "
+                            "unbounded()")
+        numeric[field.name] = (declared[field.name], kinds == [int], len(kinds) < len(options))
+    return numeric
+
+
+def check_bounds(params: Any, section: str) -> None:
+    """Refuse the first numeric field of `params` (a dataclass instance) outside its declared bounds, naming
+    the key `<section>.<field>` (the bare field at the top level, `section` empty)."""
+    for name, (bounds, integer, optional) in declared_bounds(type(params)).items():
+        value = getattr(params, name)
+        if value is None and optional:
+            continue
+        key = f"{section}.{name}" if section else name
+        if not (integer or math.isfinite(value)):  # as load_params refuses it, for a section built in Python
+            _fail(key, value, "must be a finite number")
+        if not bounds.admits(value):
+            _fail(key, value, bounds.rule(integer=integer, optional=optional))
+
+
+@dataclass(frozen=True)
+class Section:
+    """A `params.yaml` section: `section` is its dotted place in the file, which every error about its keys
+    names. Construction (from YAML by `load_params` or in Python) checks each numeric key against its declared
+    bounds (`check_bounds`); a subclass's `__post_init__` calls this first, then checks the rules that relate
+    several keys, through `require`.
+    """
+
+    section: ClassVar[str] = ""  # the top level: keys are spelled bare (`seed`)
+
+    def __post_init__(self) -> None:
+        check_bounds(self, self.section)
+
+    @classmethod
+    def dotted(cls, name: str) -> str:
+        """The key `name` of this section as params.yaml spells it: `pretrain.epochs`."""
+        return f"{cls.section}.{name}" if cls.section else name
+
+    def require(self, ok: bool, name: str, rule: str) -> None:
+        """Refuse this section's key `name` and its value with `rule` (what is accepted) unless `ok`."""
+        _check(ok, self.dotted(name), getattr(self, name), rule)
+
+
+@dataclass(frozen=True)
+class TrackingParams(Section):
     """Where and under which names MLflow records runs and model versions.
 
     Every registered name holds one kind of model (track, role and, for language models, objective), so any
@@ -56,6 +206,7 @@ class TrackingParams:
     `<task_model>-ar` / `<task_model>-mdm` (text_sft and its GRPO successor from text_rl).
     """
 
+    section: ClassVar[str] = "tracking"
     objectives: ClassVar[tuple[str, ...]] = ("ar", "mdm")
 
     experiment: str = "ssl-pipeline"
@@ -65,20 +216,15 @@ class TrackingParams:
     task_model: str = "ssl-pipeline-task-lm"  # prefix: the task models are <task_model>-ar and <task_model>-mdm
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("experiment", "encoder_model", "classifier_model", "lm_model", "task_model"):
-            value = getattr(self, name)
-            _check(
-                bool(_NAME.fullmatch(value)),
-                f"tracking.{name}",
-                value,
-                "must be a non-empty name of letters, digits, '.', '_' or '-'",
-            )
+            self.require(bool(_NAME.fullmatch(getattr(self, name))), name,
+                         "must be a non-empty name of letters, digits, '.', '_' or '-'")
         seen: dict[str, str] = {}
         for gate, name in self.registered_models().items():
             key = f"{gate.split('_')[0]}_model"  # lm_ar -> lm_model
-            _check(name not in seen, f"tracking.{key}", getattr(self, key),
-                   f"gives the registered name {name!r}, as tracking.{seen.get(name)} does; each kind of model "
-                   "needs a name of its own")
+            self.require(name not in seen, key, f"gives the registered name {name!r}, as "
+                         f"{self.dotted(seen.get(name, ''))} does; each kind of model needs a name of its own")
             seen[name] = key
 
     def lm_name(self, objective: str) -> str:
@@ -96,16 +242,12 @@ class TrackingParams:
                 **{f"task_{objective}": self.task_name(objective) for objective in self.objectives}}
 
 
-
-
-
-
 Precision = Literal["auto", "fp32", "bf16"]
 RewardScale = Literal["group", "none"]  # GRPO advantages: scaled by the group std, or only centred (Dr. GRPO)
 
 
 @dataclass(frozen=True)
-class TrainParams:
+class TrainParams(Section):
     """Optimisation and runtime keys every training stage shares; the base trainer reads only these.
 
     `batch_size` is the global batch per optimizer step (all processes, all accumulation micro-steps), so
@@ -114,54 +256,28 @@ class TrainParams:
 
     section: ClassVar[str] = "train"
 
-    epochs: int = 10
-    batch_size: int = 128
-    accumulation_steps: int = 1
-    base_lr: float = 1.0e-3
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    adam_beta2: float = 0.95
-    warmup_epochs: float = 1.0
-    clip_grad: float | None = None
-    drop_path_rate: float = 0.0
+    epochs: int = bounded(10, ">= 1")
+    batch_size: int = bounded(128, ">= 1")
+    accumulation_steps: int = bounded(1, ">= 1")
+    base_lr: float = bounded(1.0e-3, "> 0")
+    min_lr: float = unbounded(0.0, "in [0, base_lr]: checked in __post_init__")
+    weight_decay: float = bounded(0.05, ">= 0")
+    adam_beta2: float = bounded(0.95, "(0, 1)")
+    warmup_epochs: float = unbounded(1.0, "in [0, epochs]: checked in __post_init__")
+    clip_grad: float | None = bounded(None, "> 0", "no clipping")
+    drop_path_rate: float = bounded(0.0, "[0, 1)")
     precision: Precision = "auto"
     compile: bool = False
-    checkpoint_every: int = 100
-    log_every: int = 10
+    checkpoint_every: int = bounded(100, ">= 1")
+    log_every: int = bounded(10, ">= 1")
 
     def __post_init__(self) -> None:
-        key = f"{self.section}."
-        _check(0.0 <= self.drop_path_rate < 1.0, key + "drop_path_rate", self.drop_path_rate, "must be in [0, 1)")
-        for name in ("epochs", "batch_size", "accumulation_steps", "checkpoint_every", "log_every"):
-            _check(getattr(self, name) >= 1, key + name, getattr(self, name), "must be a positive integer")
-        _check(
-            self.batch_size % self.accumulation_steps == 0,
-            key + "batch_size",
-            self.batch_size,
-            f"must be a multiple of {key}accumulation_steps={self.accumulation_steps}",
-        )
-        _check(self.base_lr > 0, key + "base_lr", self.base_lr, "must be > 0")
-        _check(0 <= self.min_lr <= self.base_lr, key + "min_lr", self.min_lr, f"must be in [0, {key}base_lr]")
-        _check(self.weight_decay >= 0, key + "weight_decay", self.weight_decay, "must be >= 0")
-        _check(0 < self.adam_beta2 < 1, key + "adam_beta2", self.adam_beta2, "must be in (0, 1)")
-        _check(
-            0 <= self.warmup_epochs <= self.epochs,
-            key + "warmup_epochs",
-            self.warmup_epochs,
-            f"must be in [0, {key}epochs={self.epochs}]",
-        )
-        if self.clip_grad is not None:
-            _check(self.clip_grad > 0, key + "clip_grad", self.clip_grad, "must be > 0 or null (no clipping)")
-
-
-
-
-
-
-
-
-
-
+        super().__post_init__()
+        self.require(self.batch_size % self.accumulation_steps == 0, "batch_size",
+                     f"must be a multiple of {self.dotted('accumulation_steps')}={self.accumulation_steps}")
+        self.require(0 <= self.min_lr <= self.base_lr, "min_lr", f"must be in [0, {self.dotted('base_lr')}]")
+        self.require(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs",
+                     f"must be in [0, {self.dotted('epochs')}={self.epochs}]")
 
 
 @dataclass(frozen=True)
@@ -173,26 +289,18 @@ class GRPOParams(TrainParams):
 
     section: ClassVar[str] = "grpo"
 
-    group_size: int = 8
-    temperature: float = 1.0
+    group_size: int = bounded(8, ">= 2", "advantages are relative to the group")
+    temperature: float = bounded(1.0, "> 0", "greedy samples of an input would all be the same")
     scale_rewards: RewardScale = "group"
-    epsilon: float = 0.2
-    epsilon_high: float = 0.28
-    num_iterations: int = 1
-    beta: float = 0.04
+    epsilon: float = bounded(0.2, "(0, 1)")
+    epsilon_high: float = unbounded(0.28, ">= epsilon: checked in __post_init__")
+    num_iterations: int = bounded(1, ">= 1")
+    beta: float = bounded(0.04, ">= 0", "0: no KL penalty")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        key = f"{self.section}."
-        _check(self.group_size >= 2, key + "group_size", self.group_size,
-               "must be >= 2 (advantages are relative to the group)")
-        _check(self.temperature > 0, key + "temperature", self.temperature,
-               "must be > 0 (greedy samples of an input would all be the same)")
-        _check(0 < self.epsilon < 1, key + "epsilon", self.epsilon, "must be in (0, 1)")
-        _check(self.epsilon_high >= self.epsilon, key + "epsilon_high", self.epsilon_high,
-               f"must be >= {key}epsilon={self.epsilon} (clip-higher widens only the upper side)")
-        _check(self.num_iterations >= 1, key + "num_iterations", self.num_iterations, "must be a positive integer")
-        _check(self.beta >= 0, key + "beta", self.beta, "must be >= 0 (0: no KL penalty)")
+        self.require(self.epsilon_high >= self.epsilon, "epsilon_high",
+                     f"must be >= {self.dotted('epsilon')}={self.epsilon} (clip-higher widens only the upper side)")
 
 
 MetricMode = Literal["max", "min"]
@@ -202,15 +310,18 @@ MetricMode = Literal["max", "min"]
 class GateParams:
     """One registered model's promotion gate: its challenger becomes its champion only if it beats the
     champion on `metric` (read from the MLflow run that registered each version) by more than `min_delta`
-    in the direction `mode` (max: higher is better). Checked by `PromoteParams`, which knows the keys."""
+    in the direction `mode` (max: higher is better).
+
+    Not a `Section` of its own: the same gate sits under each model's key (`promote.classifier`, ...), so
+    `PromoteParams`, which knows the key, checks it."""
 
     metric: str = ""
     mode: MetricMode = "max"
-    min_delta: float = 0.0
+    min_delta: float = bounded(0.0, ">= 0", "how much better the challenger must be")
 
 
 @dataclass(frozen=True)
-class PromoteParams:
+class PromoteParams(Section):
     """The promotion gates (`python -m pipeline_lib.promote`): one optional gate per registered model, keyed
     as `TrackingParams.registered_models` keys them. A null gate is not applied.
 
@@ -219,6 +330,8 @@ class PromoteParams:
     match), `test.format_rate`, `test.pass_at_<k>`, which text_task_evaluate adds to the text_sft and text_rl
     runs; the language-model gates `validation.bits_per_character`, added by text_evaluate.
     """
+
+    section: ClassVar[str] = "promote"
 
     encoder: GateParams | None = None
     classifier: GateParams | None = dataclasses.field(
@@ -229,59 +342,17 @@ class PromoteParams:
     task_mdm: GateParams | None = dataclasses.field(default_factory=lambda: GateParams("test.accuracy", "max", 0.01))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for model, gate in self.gates().items():
-            _check(bool(_METRIC.fullmatch(gate.metric)), f"promote.{model}.metric", gate.metric,
+            _check(bool(_METRIC.fullmatch(gate.metric)), f"{self.dotted(model)}.metric", gate.metric,
                    "must be the name of a metric logged by the run that registered the model, e.g. "
                    "post_trained.reward_greedy, test.top1 or test.accuracy")
-            _check(math.isfinite(gate.min_delta) and gate.min_delta >= 0, f"promote.{model}.min_delta",
-                   gate.min_delta, "must be a finite number >= 0 (how much better the challenger must be)")
+            check_bounds(gate, self.dotted(model))
 
     def gates(self) -> dict[str, GateParams]:
         """The declared gates, by model key (encoder, classifier, lm_ar, lm_mdm, task_ar, task_mdm)."""
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
                 if getattr(self, field.name) is not None}
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def load_params(path: str | Path, schema: type[P], overrides: Sequence[str] = (), *, view: bool = False) -> P:
@@ -427,18 +498,15 @@ def params_hash(values: Mapping[str, Any]) -> str:
 
 
 @dataclass(frozen=True)
-class CoreParams:
+class CoreParams(Section):
     """The sections every track shares: the seed, the device, MLflow names and the promotion gates.
 
     Each track extends this with its own sections (`vision.config.VisionParams`, `text.config.TextParams`);
     `pipeline_lib.params.Params` is both, the whole `params.yaml`. A track's code types its params as its own
-    view, so it never imports the other track.
+    view, so it never imports the other track. Its `section` is the top level: its keys are spelled bare.
     """
 
-    seed: int = 0
+    seed: int = bounded(0, "[0, 2**32)")
     device: Device = "auto"
     tracking: TrackingParams = dataclasses.field(default_factory=TrackingParams)
     promote: PromoteParams = dataclasses.field(default_factory=PromoteParams)
-
-    def __post_init__(self) -> None:
-        _check(0 <= self.seed < 2**32, "seed", self.seed, "must be an integer in [0, 2**32)")

@@ -1,4 +1,4 @@
-"""Group relative policy optimisation (GRPO) as pure functions, shared by the vision and text RL stages.
+"""Group relative policy optimisation (GRPO): the objective as pure functions, and the one GRPO trainer both tracks use.
 
 References: Shao et al., "DeepSeekMath" (2024, https://arxiv.org/abs/2402.03300), section 4.1: G samples per
 prompt, advantages relative to the group, a PPO-style clipped ratio and a k3 KL penalty to a frozen
@@ -13,18 +13,28 @@ are (B, G) when a completion is one action (a classifier's decision) or (B, G, T
 - `aggregation="token"` (DAPO): the sum over every completion token of the batch / the number of tokens, so
   long completions weigh in proportion to their length.
 - `aggregation="sample"` (GRPO as published): each completion's token mean, then the mean over completions.
+
+The trainer (`GRPOTrainer`) owns what every track's GRPO shares: the per-batch cache of samples kept over the batch's
+`num_iterations` updates (and in checkpoints), rewards turned into group advantages, the old log-probs and the frozen
+reference's, the clipped objective and the common metrics. A track supplies a `Policy`: how its model draws G samples
+per input and scores them (`sample`, `log_probs`) and what a sample earns (`rewards`).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
+import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
-from pipeline_lib.core.config import RewardScale
+from pipeline_lib.core.config import GRPOParams, RewardScale
+from pipeline_lib.core.trainer import Batch, Trainer
 
 Aggregation = Literal["token", "sample"]
+GRPOConfig = TypeVar("GRPOConfig", bound=GRPOParams)
 
 
 def group_advantages(rewards: Tensor, *, scale: RewardScale = "group", eps: float = 1e-4) -> Tensor:
@@ -143,3 +153,186 @@ def expected_reward_loss(log_probs: Tensor, rewards: Tensor) -> Tensor:
     if log_probs.shape != rewards.shape:
         raise ValueError(f"log_probs {tuple(log_probs.shape)} and rewards {tuple(rewards.shape)} must match")
     return -(log_probs.exp() * rewards).sum(dim=1).mean()
+
+
+# ------------------------------------------------------------------------------------------ the trainer
+
+
+@dataclass
+class LogProbs:
+    """A model's log-probabilities of a batch's samples (`Policy.log_probs`).
+
+    Attributes:
+        logp: (b, G) log-prob of each sampled action, or (b, G, T) of each completion token.
+        entropy: the model's entropy where it acted, for the `entropy` metric: (b,) per input, or (b, G, T) per
+            token (averaged over `mask`); None where nobody reads it (the reference's, as the trainer keeps it).
+        mask: (b, G, T) the completions' tokens, for per-token log-probs; None for one action per sample.
+        distribution: (b, A) log-probs of every action, for a policy that can enumerate them (a classifier), so its
+            `kl` can measure the distributions rather than the sampled log-probs; None otherwise.
+    """
+
+    logp: Tensor
+    entropy: Tensor | None = None
+    mask: Tensor | None = None
+    distribution: Tensor | None = None
+
+
+@dataclass
+class Rollout:
+    """What `Policy.sample` drew for a batch.
+
+    Attributes:
+        samples: what `rewards`, `log_probs` and `metrics` need. Its tensors are kept for the batch's updates and in
+            checkpoints; anything else (decoded texts) only while the batch is being sampled.
+        scored: the samples' log-probs under the model that drew them, with gradients, when drawing them took the
+            forward pass the update needs anyway (a classifier draws its G actions from one pass); None: the trainer
+            asks `Policy.log_probs`.
+    """
+
+    samples: dict[str, Any]
+    scored: LogProbs | None = None
+
+
+class Policy:
+    """What a track supplies to `GRPOTrainer`: how its model acts on a batch's inputs and what an action earns.
+
+    Attributes:
+        unit: what one input is, for the throughput metric `<unit>_per_second`.
+        aggregation: how `grpo_loss` averages per-token terms (see the module docstring).
+        varies_by_iteration: whether `log_probs` changes with the update's iteration (random prompt masks); then the
+            old and reference log-probs are kept for each of a batch's `num_iterations` updates, else once.
+    """
+
+    unit = "samples"
+    aggregation: Aggregation = "token"
+    varies_by_iteration = False
+
+    def sample(self, model: nn.Module, batch: Batch) -> Rollout:
+        """Draw G samples for each of the batch's inputs from `model`, the policy as the trainer runs it (wrapped
+        for DDP or compiled: a policy that generates step by step draws from `unwrap(model)` without gradients).
+
+        Draw any randomness from `batch.generator` (or seeds derived from its `initial_seed()`), so a resume and
+        every process draw the same.
+        """
+        raise NotImplementedError
+
+    def rewards(self, batch: Batch, samples: dict[str, Any]) -> Tensor:
+        """(b, G) rewards of the samples."""
+        raise NotImplementedError
+
+    def log_probs(self, model: nn.Module, batch: Batch, samples: dict[str, Any], iteration: int) -> LogProbs:
+        """The samples' log-probs under `model` (the policy, with gradients, or the frozen reference) at the batch's
+        update `iteration` (0 .. num_iterations - 1)."""
+        raise NotImplementedError
+
+    def kl(self, policy: LogProbs, reference: LogProbs, samples: dict[str, Any]) -> Tensor:
+        """Per-sample (per-token) estimates of KL(policy || reference), shaped like `policy.logp`: k3 at the
+        samples."""
+        return k3_kl(policy.logp, reference.logp)
+
+    def metrics(self, batch: Batch, samples: dict[str, Any], scored: LogProbs) -> dict[str, Tensor]:
+        """The track's own scalars to log beside the trainer's (called without gradients)."""
+        return {}
+
+    def after_rollout(self, batch: Batch, samples: dict[str, Any], rewards: Tensor) -> None:
+        """Called once a batch is sampled and rewarded (e.g. to log a table of samples)."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under the trainer's `torch.compile` and DDP wrappers (`Trainer._wrap`)."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+class GRPOTrainer(Trainer[GRPOConfig]):
+    """GRPO of `model` against the reward of `policy`, anchored to a frozen `reference`.
+
+    Each batch is used for `num_iterations` optimizer steps. On the first, the policy draws G samples per input and
+    the trainer rewards them and turns the rewards into group-relative advantages; it keeps them with the reference's
+    log-probs and, when there are later updates, the sampling policy's (old) log-probs, in `sampled` (and in
+    checkpoints, so a resume between a batch's updates continues exactly). With one update per batch the sampling
+    policy is the policy being updated: the old log-probs are the current ones, detached. The model stays in eval
+    mode throughout (no dropout or batch-norm updates), so the policy that samples is the policy that is updated.
+
+    Args (beyond the base trainer's):
+        policy: the track's policy (`Policy`); its `unit` names the throughput metric.
+        reference: the frozen starting model (the finetuned classifier, the SFT language model).
+    """
+
+    def __init__(self, model: nn.Module, cfg: GRPOConfig, inputs: np.ndarray, preprocess: nn.Module | None = None,
+                 *, policy: Policy, reference: nn.Module, **kwargs: Any) -> None:
+        self.policy, self.stage, self.unit = policy, cfg.section, policy.unit
+        super().__init__(model, cfg, inputs, preprocess, **kwargs)
+        self.reference = reference.to(self.device).eval().requires_grad_(False)
+        self.sampled: dict[str, dict[str, Any]] = {}  # per micro-batch, for the batch being iterated on
+
+    def updates_per_batch(self) -> int:
+        return self.cfg.num_iterations
+
+    def train_mode(self) -> None:
+        self.model.eval()
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"sampled": {key: {k: v.cpu() for k, v in value.items() if isinstance(v, Tensor)}
+                            for key, value in self.sampled.items()}}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.sampled = {key: {k: v.to(self.device) for k, v in value.items()}
+                        for key, value in state.get("sampled", {}).items()}
+
+    def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
+        cfg = self.cfg
+        batch_index, iteration = divmod(batch.step, cfg.num_iterations)
+        key = f"{batch_index}:{batch.rows.start}"
+        scored = None
+        if iteration == 0 or key not in self.sampled:
+            if iteration == 0 and batch.rows.start == self.rank:  # a new batch: forget the previous one
+                self.sampled = {}
+            self.sampled[key], scored = self.rollout(batch)
+        sampled = self.sampled[key]
+        if scored is None:
+            scored = self.policy.log_probs(self.forward_model, batch, sampled, iteration)
+        variant = iteration if self.policy.varies_by_iteration else 0
+        old = sampled["old_logp"][variant] if "old_logp" in sampled else scored.logp.detach()
+        reference = LogProbs(sampled["ref_logp"][variant], distribution=sampled["ref_distribution"][variant]
+                             if "ref_distribution" in sampled else None)
+        out = grpo_loss(scored.logp, old, sampled["advantages"], kl=self.policy.kl(scored, reference, sampled),
+                        epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta, mask=scored.mask,
+                        aggregation=self.policy.aggregation)
+        with torch.no_grad():
+            out.update(self.metrics(batch, sampled, scored))
+        return out
+
+    def rollout(self, batch: Batch) -> tuple[dict[str, Any], LogProbs | None]:
+        """Draw the batch's samples, reward them, and keep what its updates need: advantages, the reference's
+        log-probs and (with several updates) the sampling policy's; also the samples' log-probs when drawing gave
+        them (`Rollout.scored`)."""
+        drawn = self.policy.sample(self.forward_model, batch)
+        sampled, scored = drawn.samples, drawn.scored
+        rewards = self.policy.rewards(batch, sampled)
+        sampled["rewards"] = rewards
+        sampled["advantages"] = group_advantages(rewards, scale=self.cfg.scale_rewards)
+        iterations = range(self.cfg.num_iterations if self.policy.varies_by_iteration else 1)
+        with torch.no_grad():
+            references = [self.policy.log_probs(self.reference, batch, sampled, i) for i in iterations]
+            sampled["ref_logp"] = torch.stack([r.logp for r in references])
+            distributions = [r.distribution for r in references if r.distribution is not None]
+            if distributions:
+                sampled["ref_distribution"] = torch.stack(distributions)
+            if self.cfg.num_iterations > 1:  # with one update, old = logp.detach() (`compute_loss`)
+                olds = ([scored.logp.detach()] if scored is not None and len(iterations) == 1 else
+                        [self.policy.log_probs(self.model, batch, sampled, i).logp for i in iterations])
+                sampled["old_logp"] = torch.stack(olds)
+        self.policy.after_rollout(batch, sampled, rewards)
+        return sampled, scored
+
+    def metrics(self, batch: Batch, sampled: dict[str, Any], scored: LogProbs) -> dict[str, Tensor]:
+        """The batch's rewards (mean, mean group std, share of groups without signal), the policy's entropy where it
+        acted, and the track's own metrics."""
+        rewards, entropy, mask = sampled["rewards"], scored.entropy, scored.mask
+        group_std = rewards.std(dim=1)
+        metrics = {"reward": rewards.mean(), "reward_std": group_std.mean(),
+                   "frac_reward_zero_std": (group_std == 0).float().mean()}
+        if entropy is not None:
+            metrics["entropy"] = entropy.mean() if mask is None else (entropy * mask).sum() / mask.sum()
+        return {**metrics, **self.policy.metrics(batch, sampled, scored)}

@@ -386,6 +386,13 @@ def read_run_record(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def upstream_runs(folders: Mapping[str, Path | None]) -> dict[str, str]:
+    """Stage -> run id of the run that wrote each folder, from its `run.json` ("unknown" when it has none); the
+    lineage `stage_run` tags as `upstream.<stage>.run_id`. A None folder (an optional input left out) is skipped."""
+    return {stage: read_run_record(folder).get("run_id", "unknown")
+            for stage, folder in folders.items() if folder is not None}
+
+
 def write_json_atomic(path: Path, document: Mapping[str, Any]) -> None:
     """Write JSON to a temporary file beside `path`, then rename it into place."""
     path = Path(path)

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from pipeline_lib.core.config import _SHA256, CoreParams, GRPOParams, TrainParams, _check
+from pipeline_lib.core.config import _SHA256, CoreParams, GRPOParams, Section, TrainParams, bounded, unbounded
 
 TextSource = Literal["embedded", "url", "folder"]
 
@@ -24,7 +24,7 @@ HparamsMode = Literal["manual", "auto"]
 
 
 @dataclass(frozen=True)
-class TextDataParams:
+class TextDataParams(Section):
     """The text track's corpus, split and tokenizer (see `pipeline_lib.text.data.corpus`).
 
     `embedded` is the English documentation CPython ships (`pydoc_data.topics`); `url` a plain-text file
@@ -32,32 +32,35 @@ class TextDataParams:
     (cut at a line break) is the validation split; the tokenizer is fitted on the training part only.
     """
 
+    section: ClassVar[str] = "text_data"
+
     source: TextSource = "embedded"
     url: str | None = None
     sha256: str | None = None
     path: str | None = None
-    val_fraction: float = 0.1
+    val_fraction: float = bounded(0.1, "(0, 0.5]")
     tokenizer: TokenizerKind = "bpe"
-    vocab_size: int = 1024
+    vocab_size: int = unbounded(1024, "a byte-level BPE needs >= 257: checked in __post_init__ with tokenizer")
 
     def __post_init__(self) -> None:
-        _check(0 < self.val_fraction <= 0.5, "text_data.val_fraction", self.val_fraction, "must be in (0, 0.5]")
-        _check(self.vocab_size >= 257 or self.tokenizer == "char", "text_data.vocab_size", self.vocab_size,
-               "must be >= 257 for a byte-level BPE (256 bytes and at least one merge)")
+        super().__post_init__()
+        source = self.dotted("source")
+        self.require(self.vocab_size >= 257 or self.tokenizer == "char", "vocab_size",
+                     "must be >= 257 for a byte-level BPE (256 bytes and at least one merge)")
         if self.source == "url":
-            _check(bool(self.url), "text_data.url", self.url, "is required with text_data.source='url'")
-            _check(bool(self.sha256 and _SHA256.fullmatch(self.sha256)), "text_data.sha256", self.sha256,
-                   "is required with text_data.source='url': the file's sha256 as 64 hex digits")
+            self.require(bool(self.url), "url", f"is required with {source}='url'")
+            self.require(bool(self.sha256 and _SHA256.fullmatch(self.sha256)), "sha256",
+                         f"is required with {source}='url': the file's sha256 as 64 hex digits")
         if self.source == "folder":
-            _check(bool(self.path), "text_data.path", self.path, "is required with text_data.source='folder'")
+            self.require(bool(self.path), "path", f"is required with {source}='folder'")
         used = {"url": ("url", "sha256"), "folder": ("path",), "embedded": ()}[self.source]
         for name in ("url", "sha256", "path"):
-            _check(name in used or getattr(self, name) is None, f"text_data.{name}", getattr(self, name),
-                   f"is not used with text_data.source={self.source!r}; set it to null")
+            self.require(name in used or getattr(self, name) is None, name,
+                         f"is not used with {source}={self.source!r}; set it to null")
 
 
 @dataclass(frozen=True)
-class TextMoEParams:
+class TextMoEParams(Section):
     """DeepSeek-V3's mixture-of-experts feed-forward for the text transformer (`pipeline_lib.text.models.moe`).
 
     Each token goes through `shared_experts` always and through `top_k` of `routed_experts` SwiGLU experts picked
@@ -69,80 +72,67 @@ class TextMoEParams:
     expert so that a token's activated experts hold about the dense feed-forward's parameters.
     """
 
+    section: ClassVar[str] = "text_model.moe"
+
     enabled: bool = False
-    routed_experts: int = 8
-    shared_experts: int = 1
-    top_k: int = 2
-    expert_hidden: int | None = None
-    groups: int = 1
-    topk_groups: int = 1
-    route_scale: float = 1.0
-    bias_update_speed: float = 1.0e-3
-    balance_loss_alpha: float = 0.0
-    dense_layers: int = 0
+    routed_experts: int = bounded(8, ">= 1")
+    shared_experts: int = bounded(1, ">= 0")
+    top_k: int = bounded(2, ">= 1")  # and at most the experts of the kept groups
+    expert_hidden: int | None = bounded(None, ">= 1", "sized from d_model")
+    groups: int = bounded(1, ">= 1")  # and divides routed_experts into groups of >= 2
+    topk_groups: int = bounded(1, ">= 1")  # and <= groups
+    route_scale: float = bounded(1.0, "> 0")
+    bias_update_speed: float = bounded(1.0e-3, ">= 0", "0: no bias update")
+    balance_loss_alpha: float = bounded(0.0, ">= 0", "0: no sequence-wise balance loss")
+    dense_layers: int = bounded(0, ">= 0")  # and below n_layer (checked by TextModelParams)
 
     def __post_init__(self) -> None:
-        key = "text_model.moe."
-        for name in ("routed_experts", "top_k", "groups", "topk_groups"):
-            _check(getattr(self, name) >= 1, key + name, getattr(self, name), "must be a positive integer")
-        for name in ("shared_experts", "dense_layers"):
-            _check(getattr(self, name) >= 0, key + name, getattr(self, name), "must be an integer >= 0")
-        if self.expert_hidden is not None:
-            _check(self.expert_hidden >= 1, key + "expert_hidden", self.expert_hidden,
-                   "must be a positive integer or null (sized from d_model)")
-        _check(self.routed_experts % self.groups == 0, key + "groups", self.groups,
-               f"must divide {key}routed_experts={self.routed_experts}")
+        super().__post_init__()
+        self.require(self.routed_experts % self.groups == 0, "groups",
+                     f"must divide {self.dotted('routed_experts')}={self.routed_experts}")
         per_group = self.routed_experts // self.groups
-        _check(self.groups == 1 or per_group >= 2, key + "groups", self.groups,
-               "must leave at least 2 experts per group (a group is scored by its top-2 affinities)")
-        _check(self.topk_groups <= self.groups, key + "topk_groups", self.topk_groups,
-               f"must be <= {key}groups={self.groups}")
-        _check(self.top_k <= self.topk_groups * per_group, key + "top_k", self.top_k,
-               f"must be <= the {self.topk_groups * per_group} experts of the kept groups "
-               f"({key}topk_groups x routed_experts / groups)")
-        _check(self.route_scale > 0, key + "route_scale", self.route_scale, "must be > 0")
-        _check(self.bias_update_speed >= 0, key + "bias_update_speed", self.bias_update_speed,
-               "must be >= 0 (0: no bias update)")
-        _check(self.balance_loss_alpha >= 0, key + "balance_loss_alpha", self.balance_loss_alpha,
-               "must be >= 0 (0: no sequence-wise balance loss)")
+        self.require(self.groups == 1 or per_group >= 2, "groups",
+                     "must leave at least 2 experts per group (a group is scored by its top-2 affinities)")
+        self.require(self.topk_groups <= self.groups, "topk_groups",
+                     f"must be <= {self.dotted('groups')}={self.groups}")
+        self.require(self.top_k <= self.topk_groups * per_group, "top_k",
+                     f"must be <= the {self.topk_groups * per_group} experts of the kept groups "
+                     f"({self.dotted('topk_groups')} x routed_experts / groups)")
 
 
 @dataclass(frozen=True)
-class TextModelParams:
+class TextModelParams(Section):
     """The text track's transformer (pre-norm, RoPE, SwiGLU), shared by both objectives; `moe` turns its
     feed-forward layers into DeepSeek-V3 mixtures of experts."""
 
-    d_model: int = 96
-    n_layer: int = 2
-    n_head: int = 3
-    seq_len: int = 64
-    dropout: float = 0.0  # on embeddings, attention weights and residual branches, while training only
+    section: ClassVar[str] = "text_model"
+
+    d_model: int = bounded(96, ">= 1")
+    n_layer: int = bounded(2, ">= 1")
+    n_head: int = bounded(3, ">= 1")  # and divides d_model into heads of even size
+    seq_len: int = bounded(64, ">= 1")
+    dropout: float = bounded(0.0, "[0, 1)")  # on embeddings, attention weights and residual branches, in training
     moe: TextMoEParams = dataclasses.field(default_factory=TextMoEParams)
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "n_layer", "n_head", "seq_len"):
-            _check(getattr(self, name) >= 1, f"text_model.{name}", getattr(self, name), "must be a positive integer")
-        _check(0.0 <= self.dropout < 1.0, "text_model.dropout", self.dropout, "must be in [0, 1)")
-        _check(self.d_model % self.n_head == 0 and (self.d_model // self.n_head) % 2 == 0, "text_model.n_head",
-               self.n_head, f"must divide text_model.d_model={self.d_model} into heads of even size (RoPE)")
-        _check(not self.moe.enabled or self.moe.dense_layers < self.n_layer, "text_model.moe.dense_layers",
-               self.moe.dense_layers, f"must be below text_model.n_layer={self.n_layer} (no layer would be a "
-               "mixture of experts)")
+        super().__post_init__()
+        self.require(self.d_model % self.n_head == 0 and (self.d_model // self.n_head) % 2 == 0, "n_head",
+                     f"must divide {self.dotted('d_model')}={self.d_model} into heads of even size (RoPE)")
+        self.moe.require(not self.moe.enabled or self.moe.dense_layers < self.n_layer, "dense_layers",
+                         f"must be below {self.dotted('n_layer')}={self.n_layer} (no layer would be a mixture of "
+                         "experts)")
 
 
 @dataclass(frozen=True)
-class TextNGramParams:
+class TextNGramParams(Section):
     """The n-gram baseline: interpolated Kneser-Ney or add-k over token ids."""
 
-    order: int = 5
-    method: NGramMethod = "kneser_ney"
-    discount: float = 0.75
-    k: float = 0.01
+    section: ClassVar[str] = "text_ngram"
 
-    def __post_init__(self) -> None:
-        _check(self.order >= 1, "text_ngram.order", self.order, "must be a positive integer")
-        _check(0 < self.discount < 1, "text_ngram.discount", self.discount, "must be in (0, 1)")
-        _check(self.k > 0, "text_ngram.k", self.k, "must be > 0")
+    order: int = bounded(5, ">= 1")
+    method: NGramMethod = "kneser_ney"
+    discount: float = bounded(0.75, "(0, 1)")
+    k: float = bounded(0.01, "> 0")
 
 
 @dataclass(frozen=True)
@@ -156,11 +146,7 @@ class LMTrainParams(TrainParams):
     weight_decay: float = 0.1
     adam_beta2: float = 0.99
     clip_grad: float | None = 1.0
-    mdm_eps: float = 1.0e-3
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(0 < self.mdm_eps < 1, f"{self.section}.mdm_eps", self.mdm_eps, "must be in (0, 1)")
+    mdm_eps: float = bounded(1.0e-3, "(0, 1)")
 
 
 @dataclass(frozen=True)
@@ -177,40 +163,35 @@ class TextPretrainParams(LMTrainParams):
     section: ClassVar[str] = "text_pretrain"
 
     epochs: int = 6
-    mtp_depth: int = 0
-    mtp_weight: float = 0.3
+    mtp_depth: int = bounded(0, ">= 0", "0: off")
+    mtp_weight: float = bounded(0.3, "> 0")
     hparams: HparamsMode = "manual"
-    compute_budget: float | None = None
+    compute_budget: float | None = bounded(None, "> 0",
+                                           "in FLOPs; null: the run's own, FLOPs per token x training tokens")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.mtp_depth >= 0, "text_pretrain.mtp_depth", self.mtp_depth, "must be an integer >= 0 (0: off)")
-        _check(self.mtp_weight > 0, "text_pretrain.mtp_weight", self.mtp_weight, "must be > 0")
-        if self.compute_budget is not None:
-            _check(self.hparams == "auto", "text_pretrain.compute_budget", self.compute_budget,
-                   "is only read with text_pretrain.hparams='auto'; set it to null")
-            _check(self.compute_budget > 0, "text_pretrain.compute_budget", self.compute_budget,
-                   "must be > 0 FLOPs, or null (the run's own: FLOPs per token x training tokens)")
+        self.require(self.compute_budget is None or self.hparams == "auto", "compute_budget",
+                     f"is only read with {self.dotted('hparams')}='auto'; set it to null")
 
 
 @dataclass(frozen=True)
-class TextEvaluateParams:
+class TextEvaluateParams(Section):
     """Validation scoring and samples of the text track's language models."""
 
-    mdm_samples: int = 4
-    prompt_tokens: int = 16
-    sample_tokens: int = 100
-    temperature: float = 0.8
-    block_length: int = 16
+    section: ClassVar[str] = "text_evaluate"
 
-    def __post_init__(self) -> None:
-        for name in ("mdm_samples", "prompt_tokens", "sample_tokens", "block_length"):
-            _check(getattr(self, name) >= 1, f"text_evaluate.{name}", getattr(self, name),
-                   "must be a positive integer")
-        _check(self.temperature >= 0, "text_evaluate.temperature", self.temperature, "must be >= 0 (0: greedy)")
+    mdm_samples: int = bounded(4, ">= 1")
+    prompt_tokens: int = bounded(16, ">= 1")
+    sample_tokens: int = bounded(100, ">= 1")
+    temperature: float = bounded(0.8, ">= 0", "0: greedy")
+    block_length: int = bounded(16, ">= 1")
 
 
 TaskSource = Literal["generate", "jsonl"]
+
+# The task options only the chosen kind reads; `pipeline_lib.text.data.tasks` checks them against that kind.
+_OPTION = "read by one task kind and checked for it by pipeline_lib.text.data.tasks"
 
 
 TaskKind = Literal["addition", "reversal", "countdown"]
@@ -226,7 +207,7 @@ Aggregation = Literal["token", "sample"]
 
 
 @dataclass(frozen=True)
-class TextTaskParams:
+class TextTaskParams(Section):
     """The verifiable task the language models are finetuned on and post-trained against
     (`pipeline_lib.text.data.tasks`).
 
@@ -236,33 +217,33 @@ class TextTaskParams:
     answer in ``<answer>...</answer>`` tags and an end-of-sequence token, at most `answer_tokens` tokens.
     """
 
+    section: ClassVar[str] = "text_task"
+
     source: TaskSource = "generate"
     kind: TaskKind = "addition"
-    digits: int = 2
-    min_len: int = 3
-    max_len: int = 8
-    max_number: int = 20
-    train_size: int = 4000
-    rl_size: int = 1000
-    test_size: int = 512
+    digits: int = unbounded(2, _OPTION)
+    min_len: int = unbounded(3, _OPTION)
+    max_len: int = unbounded(8, _OPTION)
+    max_number: int = unbounded(20, _OPTION)
+    train_size: int = bounded(4000, ">= 1")
+    rl_size: int = bounded(1000, ">= 1")
+    test_size: int = bounded(512, ">= 1")
     train_path: str | None = None
     rl_path: str | None = None
     test_path: str | None = None
     checker: TaskChecker = "auto"
-    answer_tokens: int = 8
+    answer_tokens: int = bounded(8, ">= 1")
 
     def __post_init__(self) -> None:
-        for name in ("train_size", "rl_size", "test_size", "answer_tokens"):
-            _check(getattr(self, name) >= 1, f"text_task.{name}", getattr(self, name), "must be a positive integer")
+        super().__post_init__()
+        jsonl = f"{self.dotted('source')}='jsonl'"
         for name in ("train_path", "rl_path", "test_path"):
-            value = getattr(self, name)
             if self.source == "jsonl":
-                _check(bool(value), f"text_task.{name}", value, "is required with text_task.source='jsonl'")
+                self.require(bool(getattr(self, name)), name, f"is required with {jsonl}")
             else:
-                _check(value is None, f"text_task.{name}", value,
-                       "is only read with text_task.source='jsonl'; set it to null")
-        _check(self.source == "generate" or self.checker != "auto", "text_task.checker", self.checker,
-               "must be declared (exact, numeric or countdown) with text_task.source='jsonl'")
+                self.require(getattr(self, name) is None, name, f"is only read with {jsonl}; set it to null")
+        self.require(self.source == "generate" or self.checker != "auto", "checker",
+                     f"must be declared (exact, numeric or countdown) with {jsonl}")
 
 
 @dataclass(frozen=True)
@@ -294,38 +275,25 @@ class TextRLParams(GRPOParams):
     weight_decay: float = 0.0
     adam_beta2: float = 0.99
     clip_grad: float | None = 1.0
-    block_length: int = 8
+    block_length: int = bounded(8, ">= 1")
     reward: TextReward = "combined"
-    format_score: float = 0.1
+    format_score: float = bounded(0.1, "[0, 1)", "a right answer earns 1")
     aggregation: Aggregation = "token"
-    prompt_mask_prob: float = 0.15
-    samples_every: int = 20
+    prompt_mask_prob: float = bounded(0.15, "[0, 1)")
+    samples_every: int = bounded(20, ">= 1")
     log_every: int = 5
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(self.block_length >= 1, "text_rl.block_length", self.block_length, "must be a positive integer")
-        _check(0 <= self.format_score < 1, "text_rl.format_score", self.format_score,
-               "must be in [0, 1) (a right answer earns 1)")
-        _check(0 <= self.prompt_mask_prob < 1, "text_rl.prompt_mask_prob", self.prompt_mask_prob, "must be in [0, 1)")
-        _check(self.samples_every >= 1, "text_rl.samples_every", self.samples_every, "must be a positive integer")
 
 
 @dataclass(frozen=True)
-class TextTaskEvaluateParams:
+class TextTaskEvaluateParams(Section):
     """Test-split scoring of the task models: greedy exact match and format rate, and pass@k from `pass_k`
     samples per prompt at `temperature` (`mdm`: LLaDA's low-confidence sampler in blocks of `block_length`)."""
 
-    pass_k: int = 4
-    temperature: float = 1.0
-    block_length: int = 8
+    section: ClassVar[str] = "text_task_evaluate"
 
-    def __post_init__(self) -> None:
-        for name in ("pass_k", "block_length"):
-            _check(getattr(self, name) >= 1, f"text_task_evaluate.{name}", getattr(self, name),
-                   "must be a positive integer")
-        _check(self.temperature > 0, "text_task_evaluate.temperature", self.temperature,
-               "must be > 0 (pass@k needs distinct samples)")
+    pass_k: int = bounded(4, ">= 1")
+    temperature: float = bounded(1.0, "> 0", "pass@k needs distinct samples")
+    block_length: int = bounded(8, ">= 1")
 
 
 @dataclass(frozen=True)

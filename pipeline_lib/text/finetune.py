@@ -3,15 +3,17 @@
 The model starts from the pretrained language model (`models/text/<objective>`) or, for the baseline that
 measures what pretraining gives, from fresh weights of the same architecture and tokenizer with the same budget.
 Either way its vocabulary grows by the answer tags and ``<eos>`` (`rollout.task_tokenizer`, `grow_vocab`), and it
-learns the `train` split's completions (`rollout.encode_examples`):
+learns the `train` split's completions (`rollout.encode_examples`) with its objective's SFT loss
+(`Objective.sft_loss` of `models.objectives`):
 
-- `ar`: next-token cross-entropy on the answer tokens only (`losses.lm.sft_ar_loss`); prompt and padding are read,
+- `ar`: next-token cross-entropy on the answer tokens only (`losses.sft_ar_loss`); prompt and padding are read,
   never learned.
-- `mdm`: LLaDA's SFT (`losses.lm.sft_mdm_loss`): the prompt is never masked; the answer and its ``<eos>`` padding
+- `mdm`: LLaDA's SFT (`losses.sft_mdm_loss`): the prompt is never masked; the answer and its ``<eos>`` padding
   are masked with one probability per sequence, and each sequence's loss is divided by its response length.
 
-The model folder is a language-model folder (`lm.load_lm` reads it) whose `config.json` adds `task`: the ``<eos>``
-id, `answer_tokens`, `prompt_len` and the checker, which GRPO, the evaluation and the registered model read.
+The model folder is a language-model folder (`models.saved.load_lm` reads it) whose `config.json` adds `task`:
+the ``<eos>`` id, `answer_tokens`, `prompt_len` and the checker, which GRPO, the evaluation and the registered
+model read.
 """
 
 from __future__ import annotations
@@ -37,34 +39,24 @@ from pipeline_lib.core.trainer import Batch, Trainer, check_batch_size, code_dig
 from pipeline_lib.text.config import TextParams
 from pipeline_lib.text.data.task_data import copy_task_meta, read_task, task_digest
 from pipeline_lib.text.data.tokenizer import SpecialTokens, load_tokenizer
-from pipeline_lib.text.losses import mdm_corrupt, sft_ar_loss, sft_mdm_loss
-from pipeline_lib.text.models.saved import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, lm_config, load_lm
+from pipeline_lib.text.models.objectives import resolve_objective
+from pipeline_lib.text.models.saved import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, exported, lm_config, load_lm
 from pipeline_lib.text.models.transformer import TransformerLM, grow_vocab
-from pipeline_lib.text.pretrain import OBJECTIVE_NAMES, SAMPLERS, LMTrainer, build_lm
+from pipeline_lib.text.pretrain import LMTrainer, build_lm
 from pipeline_lib.text.rollout import EOS, ROLE, check_fits, encode_examples, prompt_length, task_tokenizer
 
 
 class SFTTrainer(LMTrainer):
-    """The language-model trainer on task rows: `Batch.inputs` holds (b, 2, T) int64, the ids and their `ROLE`s."""
+    """The language-model trainer on task rows: `Batch.inputs` holds (b, 2, T) int64, the ids and their `ROLE`s;
+    the objective's strategy turns them into its SFT loss."""
 
     stage = "text_sft"
 
     def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
         ids, roles = batch.inputs[:, 0], batch.inputs[:, 1]  # (b, T) each
-        real = roles != ROLE.PAD
-        if self.objective == "ar":
-            logits = self.forward_model(ids[:, :-1], key_mask=real[:, :-1])
-            return {"loss": sft_ar_loss(logits, ids, roles == ROLE.ANSWER)}
-        response = roles >= ROLE.ANSWER
-        mask_id = self.model.mask_id
-        # The masks are drawn for the step's global batch, then this process keeps its rows (the base trainer's
-        # rule); only response positions may be masked.
-        _, masked, p = mdm_corrupt(torch.zeros(batch.global_size, ids.shape[1], dtype=torch.long), mask_id=mask_id,
-                                   eps=self.mdm_eps, generator=batch.generator)
-        masked = masked[batch.rows].to(self.device) & response
-        logits = self.forward_model(ids.masked_fill(masked, mask_id), key_mask=real)
-        return {"loss": sft_mdm_loss(logits, ids, masked, p[batch.rows].to(self.device), response),
-                "mask_rate": masked.sum() / response.sum()}
+        return self.strategy.sft_loss(self.forward_model, batch, ids, key_mask=roles != ROLE.PAD,
+                                      answer=roles == ROLE.ANSWER, response=roles >= ROLE.ANSWER,
+                                      mask_id=self.mask_id, eps=self.mdm_eps)
 
 
 @dataclass(frozen=True)
@@ -199,14 +191,15 @@ def task_model_kind(objective: str) -> ModelKind:
 
 def task_model_description(name: str, objective: str) -> str:
     """The registered task model's description: what it holds, which stages register it, how to load it."""
-    return (f"{OBJECTIVE_NAMES[objective].capitalize()} task model of the text track: the pretrained language "
+    strategy = resolve_objective(objective)
+    return (f"{strategy.title.capitalize()} task model of the text track: the pretrained language "
             "model finetuned on the verifiable task of `text_task`. Versions come from two stages, in this order: "
             f"`text_sft@{objective}` (supervised finetuning on the train split) and `text_rl@{objective}` (that model "
             "post-trained with GRPO against the rule reward, on the rl split), so after a full `dvc repro` the "
             f"newest is the post-trained one. {ALIASES}\n\n"
             f"Load: `mlflow.pyfunc.load_model(\"models:/{name}@champion\").predict([\"57+38=\"])` -> one "
             "completion per prompt, greedy and cut at `<eos>` by default (e.g. `<answer>95</answer>`); sampler "
-            f"params: `max_new_tokens`, {SAMPLERS[objective]}, `seed`. Or: "
+            f"params: `max_new_tokens`, {strategy.sampler_params}, `seed`. Or: "
             f"`python -m pipeline_lib.text.serving models:/{name}@champion --prompt \"57+38=\" --temperature 0`.")
 
 
@@ -235,7 +228,7 @@ def write_outputs(params: TextParams, paths: SFTPaths, objective: str, trainer: 
     is registered (tags: objective, stage, lineage to the pretrained version), the baseline only measured."""
     from pipeline_lib.core.outputs import write_csv
 
-    model: TransformerLM = trainer.model  # type: ignore[assignment]
+    model = exported(trainer.model)
     upstream = read_run_record(paths.pretrained) if paths.pretrained else {}
     pretrained = {"sha256": weights_digest(paths.pretrained), "run_id": upstream.get("run_id"),
                   "model_name": upstream.get("model_name"), "model_version": upstream.get("model_version")}

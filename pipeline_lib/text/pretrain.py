@@ -1,9 +1,10 @@
 """Language-model pretraining of the text track: one transformer, trained as `ar` or `mdm` by the base trainer.
 
 `ar` is next-token cross-entropy on a causal model; `mdm` is LLaDA's masked diffusion (Nie et al. 2025) on a
-bidirectional model with a MASK id outside the vocabulary. Everything else (device, bf16, accumulation,
-clipping, checkpoint/resume, DDP, logging cadence) is the base trainer's. The training tokens are cut into
-windows of `seq_len + 1` ids (each window's last id is the next one's first); an epoch is one pass over them.
+bidirectional model with a MASK id outside the vocabulary; what differs between them is the objective's strategy
+(`models.objectives`), chosen once by name. Everything else (device, bf16, accumulation, clipping,
+checkpoint/resume, DDP, logging cadence) is the base trainer's. The training tokens are cut into windows of
+`seq_len + 1` ids (each window's last id is the next one's first); an epoch is one pass over them.
 
 A trained model is a folder: `model.safetensors`, `config.json` (architecture, objective) and the
 `tokenizer.json` of the data it was trained on, so it generates text without the prepared data.
@@ -36,16 +37,13 @@ from pipeline_lib.text.config import LMTrainParams, TextParams, TextPretrainPara
 from pipeline_lib.text.data.corpus import read_text_meta, read_tokens
 from pipeline_lib.text.data.tokenizer import load_tokenizer
 from pipeline_lib.text.hparams import AutoHparams, ScalingLawRangeWarning, auto_hparams, flops_per_token
-from pipeline_lib.text.losses import ar_loss, mdm_corrupt, mdm_loss
+from pipeline_lib.text.losses import ar_loss
+from pipeline_lib.text.models.likelihood import consecutive_windows
 from pipeline_lib.text.models.moe import ExpertBalancer
 from pipeline_lib.text.models.mtp import MultiTokenPrediction, mtp_losses
+from pipeline_lib.text.models.objectives import resolve_objective
 from pipeline_lib.text.models.saved import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, exported, lm_config
 from pipeline_lib.text.models.transformer import TransformerLM
-
-OBJECTIVE_NAMES = {"ar": "autoregressive (next-token)", "mdm": "masked-diffusion (LLaDA)"}
-SAMPLERS = {"ar": "`temperature` (0: greedy), `top_k` (0: all tokens)",
-            "mdm": "`temperature` (0: greedy), `block_length` (the answer is decoded in blocks of this many tokens, "
-                   "the last one cut to fit), `steps` (model calls in all; 0: one per new token)"}
 
 
 def language_model_kind(objective: str) -> ModelKind:
@@ -55,11 +53,12 @@ def language_model_kind(objective: str) -> ModelKind:
 
 def language_model_description(name: str, objective: str) -> str:
     """The registered language model's description: what it holds, which stage registers it, how to load it."""
-    return (f"{OBJECTIVE_NAMES[objective].capitalize()} language model of the text track, pretrained on the "
+    strategy = resolve_objective(objective)
+    return (f"{strategy.title.capitalize()} language model of the text track, pretrained on the "
             f"text corpus. Every version is registered by the DVC stage `text_pretrain@{objective}`. {ALIASES}\n\n"
             f"Load: `mlflow.pyfunc.load_model(\"models:/{name}@challenger\").predict([\"The \"], "
             "params={\"max_new_tokens\": 20})` -> one continuation per prompt; `max_new_tokens` may be anything "
-            f"from 1 to the model's context and beyond; the other sampler params: {SAMPLERS[objective]}, `seed`. "
+            f"from 1 to the model's context and beyond; the other sampler params: {strategy.sampler_params}, `seed`. "
             f"Or: `python -m pipeline_lib.text.serving models:/{name}@challenger --prompt \"The \"`.")
 
 
@@ -78,25 +77,22 @@ def window_count(num_tokens: int, seq_len: int, split: str = "training") -> int:
 
 def token_windows(tokens: np.ndarray, seq_len: int, split: str = "training") -> np.ndarray:
     """Flat ids -> (N, seq_len + 1) windows starting every `seq_len` ids: a view, nothing is copied."""
-    count = window_count(len(tokens), seq_len, split)
-    return np.lib.stride_tricks.sliding_window_view(tokens[: count * seq_len + 1], seq_len + 1)[::seq_len]
+    window_count(len(tokens), seq_len, split)  # refuses too few tokens, naming the key
+    return consecutive_windows(tokens, seq_len)
 
 
 def build_lm(vocab_size: int, params: TextParams, objective: str) -> TransformerLM:
     """The transformer `text_model` describes: causal for `ar`, bidirectional with a MASK id for `mdm`, with
     mixture-of-experts feed-forwards when `text_model.moe.enabled`."""
     cfg = params.text_model
-    return TransformerLM(vocab_size, d_model=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                         max_len=cfg.seq_len, causal=objective == "ar", mask_token=objective == "mdm",
-                         dropout=cfg.dropout, moe=cfg.moe if cfg.moe.enabled else None)
-
-
-
-
+    return resolve_objective(objective).build(vocab_size, d_model=cfg.d_model, n_layer=cfg.n_layer,
+                                              n_head=cfg.n_head, max_len=cfg.seq_len, dropout=cfg.dropout,
+                                              moe=cfg.moe if cfg.moe.enabled else None)
 
 
 class LMTrainer(Trainer[LMTrainParams]):
-    """The base trainer on token windows: `Batch.inputs` holds (b, seq_len + 1) int64 ids.
+    """The base trainer on token windows: `Batch.inputs` holds (b, seq_len + 1) int64 ids; the objective's
+    strategy (`models.objectives`, resolved once here) says how they become a loss.
 
     A `MultiTokenPrediction` model (`ar` only) adds `mtp_weight` times its modules' mean loss to the next-token
     loss and logs each depth's loss and accuracy beside the main model's next-token accuracy.
@@ -109,6 +105,12 @@ class LMTrainer(Trainer[LMTrainParams]):
         # Mixture-of-experts layers are balanced whatever the method (an empty hook without them).
         super().__init__(model, cfg, inputs, hooks=[ExpertBalancer(model)], **kwargs)
         self.objective, self.mdm_eps, self.mtp_weight = objective, mdm_eps, mtp_weight
+        self.strategy = resolve_objective(objective)
+
+    @property
+    def mask_id(self) -> int | None:
+        """The language model's MASK id (None without one)."""
+        return exported(self.model).mask_id
 
     def load_inputs(self, index: np.ndarray) -> Tensor:
         return torch.from_numpy(self.inputs[index].astype(np.int64)).to(self.device, non_blocking=True)
@@ -124,17 +126,7 @@ class LMTrainer(Trainer[LMTrainParams]):
             next_token = ar_loss(logits[0], ids[:, 1:])
             extra = mtp_losses(logits, ids)
             return {"loss": next_token + self.mtp_weight * extra["mtp_loss"], "next_token_loss": next_token, **extra}
-        if self.objective == "ar":
-            return {"loss": ar_loss(self.forward_model(ids[:, :-1]), ids[:, 1:])}
-        clean = ids[:, :-1]  # (b, L)
-        mask_id = self.model.mask_id
-        # Masks are drawn for the step's whole global batch, then this process keeps its rows (the base
-        # trainer's rule), so N processes mask exactly what one process would.
-        _, masked, p = mdm_corrupt(torch.zeros(batch.global_size, clean.shape[1], dtype=torch.long),
-                                   mask_id=mask_id, eps=self.mdm_eps, generator=batch.generator)
-        masked, p = masked[batch.rows].to(self.device), p[batch.rows].to(self.device)
-        logits = self.forward_model(clean.masked_fill(masked, mask_id))
-        return {"loss": mdm_loss(logits, clean, masked, p), "mask_rate": masked.float().mean()}
+        return self.strategy.pretrain_loss(self.forward_model, batch, mask_id=self.mask_id, eps=self.mdm_eps)
 
 
 @dataclass(frozen=True)
@@ -183,7 +175,7 @@ def training_setup(params: TextParams, model: TransformerLM, windows: np.ndarray
         auto = auto_hparams_for(params, model, windows)
         cfg = dataclasses.replace(cfg, batch_size=auto.batch_size, base_lr=auto.lr * 256 / auto.batch_size)
     trained: nn.Module = model
-    if cfg.mtp_depth and objective == "ar":
+    if cfg.mtp_depth and resolve_objective(objective).multi_token_prediction:
         trained = MultiTokenPrediction(model, cfg.mtp_depth)
     return trained, cfg, auto
 
@@ -234,7 +226,7 @@ def run_text_pretrain(params: TextParams, paths: LMPaths, objective: str, tracke
                   f"tokens; used lr {auto.lr:.3g}, batch {auto.batch_size}")
             for note in auto.notes:
                 print(f"text_pretrain: warning: {note}")
-        if cfg.mtp_depth and objective != "ar":
+        if cfg.mtp_depth and not trainer.strategy.multi_token_prediction:
             print("text_pretrain: text_pretrain.mtp_depth applies to ar only (mdm predicts every masked position "
                   "at once); training mdm without it")
         print(f"text_pretrain: {objective} on {len(windows)} windows of {params.text_model.seq_len} tokens, "

@@ -5,7 +5,8 @@ Whether a completion is well formed and right is the task's business (`pipeline_
 Rewards of one completion: `format_reward` (1 if `format_ok`), `accuracy_reward` (1 if well formed and the
 checker accepts the answer) and `combined_reward`, TinyZero's scheme (Pan et al., "TinyZero", 2025,
 https://github.com/Jiayi-Pan/TinyZero, ``verl/utils/reward_score/countdown.py``): 0 for a malformed
-completion, `format_score` for a well-formed wrong one, 1 for a right one.
+completion, `format_score` for a well-formed wrong one, 1 for a right one. `REWARDS` names them as `text_rl.reward`
+does, each with the signature (completion, example, checker, format_score).
 
 Examples:
     >>> example = Example("123+456=", "579")
@@ -20,28 +21,10 @@ Examples:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from pipeline_lib.text.data.checkers import Checker, extract_answer, format_ok
 from pipeline_lib.text.data.tasks import Example
-
-# ----------------------------------------------------------------------------------------------- checkers
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# ------------------------------------------------------------------------------------------------ rewards
 
 
 def format_reward(completion: str) -> float:
@@ -69,3 +52,14 @@ def combined_reward(completion: str, example: Example, checker: Checker, *, form
     if not format_ok(completion):
         return 0.0
     return 1.0 if accuracy_reward(completion, example, checker) == 1.0 else float(format_score)
+
+
+RuleReward = Callable[[str, Example, Checker, float], float]
+
+# The declared rule (`text_rl.reward`) -> its reward of one completion: (completion, example, checker, format_score).
+REWARDS: dict[str, RuleReward] = {
+    "accuracy": lambda completion, example, checker, format_score: accuracy_reward(completion, example, checker),
+    "format": lambda completion, example, checker, format_score: format_reward(completion),
+    "combined": lambda completion, example, checker, format_score: combined_reward(
+        completion, example, checker, format_score=format_score),
+}

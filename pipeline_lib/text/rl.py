@@ -1,12 +1,14 @@
-"""GRPO of a finetuned task model against a rule reward (DeepSeek-R1 style), on the base trainer and the GRPO
-objective the vision rl stage uses (`losses.grpo`: group advantages, clip-higher, k3 KL, token aggregation).
+"""GRPO of a finetuned task model against a rule reward (DeepSeek-R1 style), on the GRPO trainer the vision rl
+stage uses (`pipeline_lib.core.grpo`: group advantages, clip-higher, k3 KL, token aggregation); this module gives it
+the text policy.
 
 Each optimizer step takes `batch_size` prompts of the `rl` split. On a batch's first update, the policy (in eval
 mode: the policy that samples is the one being updated) completes each prompt `group_size` times
-(`rollout.complete`); every completion is scored by the declared rule (`accuracy`, `format` or TinyZero's
-`combined`) and the rewards become group-relative advantages. The batch is used for `num_iterations` updates.
+(`rollout.complete`); every completion is scored by the declared rule (`rewards.REWARDS[text_rl.reward]`:
+`accuracy`, `format` or TinyZero's `combined`) and the rewards become group-relative advantages. The batch is used
+for `num_iterations` updates.
 
-Per-token log-probabilities of a completion:
+Per-token log-probabilities of a completion, one policy class per objective (`POLICIES`, chosen once):
 
 - `ar`: exact. One teacher-forced pass over prompt + completion gives log p(token | prefix) at every completion
   token, the log-probs the sampler drew from.
@@ -41,11 +43,11 @@ from torch import Tensor, nn
 
 from pipeline_lib.core import dist
 from pipeline_lib.core.config import flatten, params_hash
-from pipeline_lib.core.grpo import group_advantages, grpo_loss, k3_kl
+from pipeline_lib.core.grpo import GRPOTrainer, LogProbs, Policy, Rollout, unwrap
 from pipeline_lib.core.outputs import staged_dir
 from pipeline_lib.core.registry import model_uri
 from pipeline_lib.core.tracking import Tracker, read_run_record, write_json_atomic, write_run_record
-from pipeline_lib.core.trainer import Batch, Trainer, check_batch_size, code_digest, step_seed
+from pipeline_lib.core.trainer import Batch, check_batch_size, code_digest, step_seed
 from pipeline_lib.text.config import TextParams, TextRLParams
 from pipeline_lib.text.data.checkers import Checker
 from pipeline_lib.text.data.task_data import copy_task_meta, read_task, task_digest
@@ -55,7 +57,7 @@ from pipeline_lib.text.finetune import register_task_model, save_task_model, wei
 from pipeline_lib.text.models.moe import ExpertBalancer
 from pipeline_lib.text.models.saved import CONFIG_FILE, load_lm
 from pipeline_lib.text.models.transformer import TransformerLM
-from pipeline_lib.text.rewards import accuracy_reward, combined_reward, format_reward
+from pipeline_lib.text.rewards import REWARDS, accuracy_reward
 from pipeline_lib.text.rollout import complete, completion_mask, decode_completions, encode_prompts
 from pipeline_lib.text.task_evaluate import completions_of
 
@@ -67,157 +69,176 @@ class NoLearningSignal(ValueError):
 
 
 def reward_of(cfg: TextRLParams, text: str, example: Example, checker: Checker) -> float:
-    """The declared rule reward of one completion."""
-    if cfg.reward == "accuracy":
-        return accuracy_reward(text, example, checker)
-    if cfg.reward == "format":
-        return format_reward(text)
-    return combined_reward(text, example, checker, format_score=cfg.format_score)
+    """The declared rule reward (`text_rl.reward`) of one completion."""
+    return REWARDS[cfg.reward](text, example, checker, cfg.format_score)
 
 
-def token_logps(model: nn.Module, objective: str, prompt_ids: Tensor, real: Tensor, completions: Tensor, *,
-                mask_id: int | None, prompt_mask_prob: float, mask_seed: int) -> tuple[Tensor, Tensor]:
-    """Per-token log-probs (n, A) of `completions` after left-padded prompts (n, P), and the policy's entropy at
-    those positions (n, A); AR exact, MDM d1's one-pass estimate with the prompt mask drawn from `mask_seed`."""
-    P = prompt_ids.shape[1]
-    key_mask = torch.cat([real, torch.ones_like(completions, dtype=torch.bool)], dim=1)
-    if objective == "ar":
-        sequence = torch.cat([prompt_ids, completions], dim=1)  # (n, P + A)
-        logits = model(sequence[:, :-1], key_mask=key_mask[:, :-1])[:, P - 1 :]  # predictions of the A tokens
-    else:
-        generator = torch.Generator().manual_seed(mask_seed)
-        hidden = (torch.rand(prompt_ids.shape, generator=generator) < prompt_mask_prob).to(prompt_ids.device) & real
-        sequence = torch.cat([prompt_ids.masked_fill(hidden, mask_id), torch.full_like(completions, mask_id)], dim=1)
-        logits = model(sequence, key_mask=key_mask)[:, P:]
+def completion_log_probs(logits: Tensor, completions: Tensor) -> tuple[Tensor, Tensor]:
+    """(n, A, V) logits at the completion positions -> the completion tokens' log-probs (n, A) and the entropy of
+    the model's distribution there (n, A)."""
     log_probs = F.log_softmax(logits.float(), dim=-1)  # (n, A, V)
     entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
     return log_probs.gather(-1, completions.unsqueeze(-1)).squeeze(-1), entropy
 
 
-class TextGRPOTrainer(Trainer[TextRLParams]):
-    """GRPO of a task model on prompts; `Batch.inputs` holds the indexes of the step's prompts.
+def ar_token_logps(model: nn.Module, prompt_ids: Tensor, real: Tensor, completions: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact per-token log-probs (n, A) of `completions` after left-padded prompts (n, P) with key mask `real`, and
+    the entropy at those positions: one teacher-forced pass over prompt + completion."""
+    P = prompt_ids.shape[1]
+    key_mask = torch.cat([real, torch.ones_like(completions, dtype=torch.bool)], dim=1)
+    sequence = torch.cat([prompt_ids, completions], dim=1)  # (n, P + A)
+    logits = model(sequence[:, :-1], key_mask=key_mask[:, :-1])[:, P - 1 :]  # predictions of the A tokens
+    return completion_log_probs(logits, completions)
 
-    Args (beyond the base trainer's):
+
+def mdm_token_logps(model: nn.Module, prompt_ids: Tensor, real: Tensor, completions: Tensor, *, mask_id: int,
+                    prompt_mask_prob: float, mask_seed: int) -> tuple[Tensor, Tensor]:
+    """d1's one-pass estimate of the per-token log-probs (n, A) of `completions`, and the entropy there: the whole
+    completion masked, each real prompt token masked with `prompt_mask_prob` (the mask drawn from `mask_seed`)."""
+    P = prompt_ids.shape[1]
+    key_mask = torch.cat([real, torch.ones_like(completions, dtype=torch.bool)], dim=1)
+    generator = torch.Generator().manual_seed(mask_seed)
+    hidden = (torch.rand(prompt_ids.shape, generator=generator) < prompt_mask_prob).to(prompt_ids.device) & real
+    sequence = torch.cat([prompt_ids.masked_fill(hidden, mask_id), torch.full_like(completions, mask_id)], dim=1)
+    logits = model(sequence, key_mask=key_mask)[:, P:]
+    return completion_log_probs(logits, completions)
+
+
+class TextPolicy(Policy):
+    """A task model completing prompts, rewarded by the declared rule; `Batch.inputs` holds prompt indexes.
+
+    Samples: `completions` (b * G, A) ids, `mask` (b * G, A) their tokens (`rollout.completion_mask`), `right`
+    (b * G,) whether each is right (the `accuracy` metric), and while the batch is sampled, `texts`. A subclass
+    gives the per-token log-probs of its objective (`token_logps`).
+
+    Args:
+        cfg: the text_rl section.
         prompt_ids, real: (N, P) left-padded prompts of the rl split and their key mask (`encode_prompts`).
         examples: the N examples, for the rewards.
-        reference: the frozen SFT model.
-        objective: `ar` or `mdm`.
         tokenizer, checker, task: the task model's tokenizer, the task's checker, `config.json["task"]`.
+        tracker: where the tables of sampled completions go (every `samples_every` batches).
     """
 
-    stage = "text_rl"
+    objective: str
 
-    def __init__(self, model: TransformerLM, cfg: TextRLParams, prompt_ids: np.ndarray, real: np.ndarray,
-                 examples: Sequence[Example], *, reference: TransformerLM, objective: str, tokenizer: SpecialTokens,
-                 checker: Checker, task: dict[str, Any], **kwargs: Any) -> None:
-        super().__init__(model, cfg, np.arange(len(examples)), hooks=[ExpertBalancer(model)], **kwargs)
-        self.prompt_ids, self.real, self.examples = prompt_ids, real, list(examples)
-        self.reference = reference.to(self.device).eval().requires_grad_(False)
-        self.objective, self.tokenizer, self.checker, self.task = objective, tokenizer, checker, task
-        self.sampled: dict[str, dict[str, Any]] = {}
+    def __init__(self, cfg: TextRLParams, prompt_ids: np.ndarray, real: np.ndarray, examples: Sequence[Example], *,
+                 tokenizer: SpecialTokens, checker: Checker, task: dict[str, Any], tracker: Tracker) -> None:
+        self.cfg, self.prompt_ids, self.real, self.examples = cfg, prompt_ids, real, list(examples)
+        self.tokenizer, self.checker, self.task, self.tracker = tokenizer, checker, task, tracker
+        self.aggregation = cfg.aggregation
 
-    def updates_per_batch(self) -> int:
-        return self.cfg.num_iterations  # type: ignore[attr-defined]
+    def token_logps(self, model: nn.Module, prompt_ids: Tensor, real: Tensor, completions: Tensor,
+                    samples: dict[str, Any], iteration: int) -> tuple[Tensor, Tensor]:
+        """Per-token log-probs (n, A) of the completions and the entropy there (n, A)."""
+        raise NotImplementedError
 
-    def train_mode(self) -> None:
-        self.model.eval()
-
-    def load_inputs(self, index: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.asarray(index, dtype=np.int64))  # prompt indexes stay on the CPU
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"sampled": {key: {k: v.cpu() for k, v in value.items() if isinstance(v, Tensor)}
-                            for key, value in self.sampled.items()}}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.sampled = {key: {k: v.to(self.device) for k, v in value.items()}
-                        for key, value in state.get("sampled", {}).items()}
-
-    def prompts(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        """The prompts of `index`, each repeated `group_size` times: (b * G, P) ids and key mask."""
-        G = self.cfg.group_size  # type: ignore[attr-defined]
-        ids = torch.from_numpy(self.prompt_ids[index.numpy()]).to(self.device).repeat_interleave(G, dim=0)
-        real = torch.from_numpy(self.real[index.numpy()]).to(self.device).repeat_interleave(G, dim=0)
+    def prompts(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The batch's prompts, each repeated `group_size` times: (b * G, P) ids and key mask, on the device."""
+        G, index = self.cfg.group_size, batch.inputs.cpu().numpy()
+        ids = torch.from_numpy(self.prompt_ids[index]).to(batch.inputs.device).repeat_interleave(G, dim=0)
+        real = torch.from_numpy(self.real[index]).to(batch.inputs.device).repeat_interleave(G, dim=0)
         return ids, real
 
-    def logps(self, model: nn.Module, prompt_ids: Tensor, real: Tensor, completions: Tensor,
-              mask_seed: int) -> tuple[Tensor, Tensor]:
-        cfg: TextRLParams = self.cfg  # type: ignore[assignment]
-        return token_logps(model, self.objective, prompt_ids, real, completions, mask_id=self.model.mask_id,
-                           prompt_mask_prob=cfg.prompt_mask_prob, mask_seed=mask_seed)
+    def batch_examples(self, batch: Batch) -> list[Example]:
+        """The examples of the batch's b * G completions."""
+        return [self.examples[i] for i in batch.inputs.tolist() for _ in range(self.cfg.group_size)]
+
+    def sample_seed(self, batch: Batch) -> int:
+        """The seed of this process's draws for the batch: the batch's seed and its first row (reproducible for a
+        given process count)."""
+        return batch.generator.initial_seed() + batch.rows.start
 
     @torch.no_grad()
-    def sample(self, batch: Batch, index: Tensor, batch_index: int) -> dict[str, Any]:
-        """Complete each prompt G times, score, and keep what the batch's updates need."""
-        cfg: TextRLParams = self.cfg  # type: ignore[assignment]
-        prompt_ids, real = self.prompts(index)
-        seed = step_seed(self.seed, batch_index) + batch.rows.start
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        completions = complete(self.model, self.objective, prompt_ids, real, answer_tokens=self.task["answer_tokens"],
-                               temperature=cfg.temperature, block_length=cfg.block_length,
-                               eos_id=self.task["eos_id"], generator=generator)
+    def sample(self, model: nn.Module, batch: Batch) -> Rollout:
+        """Complete each prompt G times (`rollout.complete`) and check each completion's answer."""
+        prompt_ids, real = self.prompts(batch)
+        generator = torch.Generator(device=prompt_ids.device).manual_seed(self.sample_seed(batch))
+        completions = complete(unwrap(model), self.objective, prompt_ids, real,
+                               answer_tokens=self.task["answer_tokens"], temperature=self.cfg.temperature,
+                               block_length=self.cfg.block_length, eos_id=self.task["eos_id"], generator=generator)
         texts = decode_completions(completions, self.tokenizer, self.task["eos_id"])
-        G = cfg.group_size
-        examples = [self.examples[i] for i in index.tolist() for _ in range(G)]
-        rewards = torch.tensor([reward_of(cfg, t, e, self.checker) for t, e in zip(texts, examples, strict=True)])
-        right = torch.tensor([accuracy_reward(t, e, self.checker) for t, e in zip(texts, examples, strict=True)])
-        mask_seeds = torch.tensor([step_seed(seed, i) for i in range(cfg.num_iterations)])
-        sampled: dict[str, Any] = {
-            "completions": completions, "mask": completion_mask(completions, self.task["eos_id"]),
-            "rewards": rewards.view(-1, G).to(self.device), "right": right.to(self.device),
-            "mask_seeds": mask_seeds,
-        }
-        sampled["advantages"] = group_advantages(sampled["rewards"], scale=cfg.scale_rewards)
-        refs, olds = [], []
-        for mask_seed in mask_seeds.tolist():
-            refs.append(self.logps(self.reference, prompt_ids, real, completions, mask_seed)[0])
-            if cfg.num_iterations > 1:  # with one update the sampling policy is the policy: old = logp.detach()
-                olds.append(self.logps(self.model, prompt_ids, real, completions, mask_seed)[0])
-        sampled["ref_logp"] = torch.stack(refs)
-        if olds:
-            sampled["old_logp"] = torch.stack(olds)
-        if dist.is_main() and batch.rows.start == 0 and batch_index % cfg.samples_every == 0:
-            self.log_samples(batch_index, index, texts, rewards)
-        return sampled
+        right = [accuracy_reward(t, e, self.checker) for t, e in zip(texts, self.batch_examples(batch), strict=True)]
+        return Rollout({"completions": completions, "mask": completion_mask(completions, self.task["eos_id"]),
+                        "right": torch.tensor(right).to(prompt_ids.device), "texts": texts})
 
-    def log_samples(self, batch_index: int, index: Tensor, texts: list[str], rewards: Tensor) -> None:
-        """A text table of the first prompts' completions and rewards, as an MLflow artifact."""
-        G = self.cfg.group_size  # type: ignore[attr-defined]
-        lines = [f"step {batch_index * self.updates_per_batch()}: completions and rewards"]
-        for row, i in enumerate(index.tolist()[:4]):
+    def rewards(self, batch: Batch, samples: dict[str, Any]) -> Tensor:
+        pairs = zip(samples["texts"], self.batch_examples(batch), strict=True)
+        rewards = torch.tensor([reward_of(self.cfg, text, example, self.checker) for text, example in pairs])
+        return rewards.view(-1, self.cfg.group_size).to(samples["completions"].device)
+
+    def log_probs(self, model: nn.Module, batch: Batch, samples: dict[str, Any], iteration: int) -> LogProbs:
+        prompt_ids, real = self.prompts(batch)
+        completions = samples["completions"]
+        logp, entropy = self.token_logps(model, prompt_ids, real, completions, samples, iteration)
+        shape = (-1, self.cfg.group_size, completions.shape[1])  # (b, G, A)
+        return LogProbs(logp.view(shape), entropy=entropy.view(shape), mask=samples["mask"].view(shape))
+
+    def metrics(self, batch: Batch, samples: dict[str, Any], scored: LogProbs) -> dict[str, Tensor]:
+        lengths = samples["mask"].sum(dim=1).float()
+        return {"accuracy": samples["right"].mean(), "completion_length": lengths.mean(),
+                "completion_length_min": lengths.min(), "completion_length_max": lengths.max()}
+
+    def after_rollout(self, batch: Batch, samples: dict[str, Any], rewards: Tensor) -> None:
+        """Every `samples_every` batches, a text table of the first prompts' completions and rewards, as an MLflow
+        artifact."""
+        batch_index = batch.step // self.cfg.num_iterations
+        if not (dist.is_main() and batch.rows.start == 0 and batch_index % self.cfg.samples_every == 0):
+            return
+        step, texts = batch_index * self.cfg.num_iterations, samples["texts"]
+        lines = [f"step {step}: completions and rewards"]
+        for row, i in enumerate(batch.inputs.tolist()[:4]):
             example = self.examples[i]
             lines.append(f"\nprompt {example.prompt!r} answer {example.answer!r}")
-            lines += [f"  {rewards[row * G + j].item():.2f}  {texts[row * G + j]!r}" for j in range(G)]
-        self.tracker.log_text("\n".join(lines) + "\n", f"samples/step_{batch_index * self.updates_per_batch():05d}.txt")
+            G = self.cfg.group_size
+            lines += [f"  {rewards[row, j].item():.2f}  {texts[row * G + j]!r}" for j in range(G)]
+        self.tracker.log_text("\n".join(lines) + "\n", f"samples/step_{step:05d}.txt")
 
-    def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
-        cfg: TextRLParams = self.cfg  # type: ignore[assignment]
-        batch_index, iteration = divmod(batch.step, cfg.num_iterations)
-        key = f"{batch_index}:{batch.rows.start}"
-        if iteration == 0 or key not in self.sampled:
-            if iteration == 0 and batch.rows.start == self.rank:  # a new batch: forget the previous one
-                self.sampled = {}
-            self.sampled[key] = self.sample(batch, batch.inputs, batch_index)
-        sampled = self.sampled[key]
-        prompt_ids, real = self.prompts(batch.inputs)
-        completions, mask = sampled["completions"], sampled["mask"]
-        mask_seed = int(sampled["mask_seeds"][iteration])
-        logp, entropy = self.logps(self.forward_model, prompt_ids, real, completions, mask_seed)
-        old = sampled["old_logp"][iteration] if "old_logp" in sampled else logp.detach()
-        ref = sampled["ref_logp"][iteration]
-        shape = (-1, cfg.group_size, completions.shape[1])  # (b, G, A)
-        out = grpo_loss(logp.view(shape), old.view(shape), sampled["advantages"], kl=k3_kl(logp, ref).view(shape),
-                        epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta, mask=mask.view(shape),
-                        aggregation=cfg.aggregation)
-        rewards = sampled["rewards"]
-        with torch.no_grad():
-            group_std = rewards.std(dim=1)
-            lengths = mask.sum(dim=1).float()
-            out.update(reward=rewards.mean(), reward_std=group_std.mean(),
-                       frac_reward_zero_std=(group_std == 0).float().mean(), accuracy=sampled["right"].mean(),
-                       entropy=(entropy * mask).sum() / mask.sum(), completion_length=lengths.mean(),
-                       completion_length_min=lengths.min(), completion_length_max=lengths.max())
-        return out
+
+class ARPolicy(TextPolicy):
+    """An autoregressive task model: exact teacher-forced log-probs, the same at every update of a batch."""
+
+    objective = "ar"
+
+    def token_logps(self, model: nn.Module, prompt_ids: Tensor, real: Tensor, completions: Tensor,
+                    samples: dict[str, Any], iteration: int) -> tuple[Tensor, Tensor]:
+        return ar_token_logps(model, prompt_ids, real, completions)
+
+
+class MDMPolicy(TextPolicy):
+    """A masked diffusion task model: d1's one-pass estimate, under a new prompt mask at each update of a batch
+    (drawn from `mask_seeds`, so the old policy's and the reference's log-probs of that update use the same one)."""
+
+    objective = "mdm"
+    varies_by_iteration = True
+
+    def sample(self, model: nn.Module, batch: Batch) -> Rollout:
+        rollout = super().sample(model, batch)
+        seed = self.sample_seed(batch)
+        rollout.samples["mask_seeds"] = torch.tensor([step_seed(seed, i) for i in range(self.cfg.num_iterations)])
+        return rollout
+
+    def token_logps(self, model: nn.Module, prompt_ids: Tensor, real: Tensor, completions: Tensor,
+                    samples: dict[str, Any], iteration: int) -> tuple[Tensor, Tensor]:
+        return mdm_token_logps(model, prompt_ids, real, completions, mask_id=unwrap(model).mask_id,
+                               prompt_mask_prob=self.cfg.prompt_mask_prob,
+                               mask_seed=int(samples["mask_seeds"][iteration]))
+
+
+POLICIES: dict[str, type[TextPolicy]] = {"ar": ARPolicy, "mdm": MDMPolicy}
+
+
+def grpo_trainer(model: TransformerLM, cfg: TextRLParams, prompt_ids: np.ndarray, real: np.ndarray,
+                 examples: Sequence[Example], *, reference: TransformerLM, objective: str, tokenizer: SpecialTokens,
+                 checker: Checker, task: dict[str, Any], tracker: Tracker, **kwargs: Any) -> GRPOTrainer[TextRLParams]:
+    """GRPO of a task model on the rl prompts with the policy of its objective (`POLICIES`), anchored to
+    `reference`, the frozen SFT model; `kwargs` are the base trainer's. The model's mixture-of-experts layers, if
+    any, keep their balance (`ExpertBalancer`)."""
+    if objective not in POLICIES:
+        raise ValueError(f"objective={objective!r}: expected one of {sorted(POLICIES)}")
+    policy = POLICIES[objective](cfg, prompt_ids, real, examples, tokenizer=tokenizer, checker=checker, task=task,
+                                 tracker=tracker)
+    return GRPOTrainer(model, cfg, np.arange(len(examples)), policy=policy, reference=reference, tracker=tracker,
+                       hooks=[ExpertBalancer(model)], **kwargs)
 
 
 @dataclass(frozen=True)
@@ -298,17 +319,17 @@ def run_text_rl(params: TextParams, paths: RLPaths, objective: str, tracker: Tra
     model, the curves and the metrics, and registers the model."""
     cfg = params.text_rl
     data = read_task(paths.task)
-    policy, tokenizer, config = load_lm(paths.sft, device)
+    model, tokenizer, config = load_lm(paths.sft, device)
     check_task_model(config, paths.sft, objective)
     task = config["task"]
     examples = data.splits["rl"]
-    probe = probe_signal(policy, objective, tokenizer, examples, data.checker, task, cfg, params.seed)
+    probe = probe_signal(model, objective, tokenizer, examples, data.checker, task, cfg, params.seed)
     check_signal(probe, cfg)
     ids, real = encode_prompts([e.prompt for e in examples], tokenizer, task["prompt_len"])
-    trainer = TextGRPOTrainer(policy, cfg, ids, real, examples, reference=copy.deepcopy(policy), objective=objective,
-                              tokenizer=tokenizer, checker=data.checker, task=task, device=device, seed=params.seed,
-                              checkpoint_dir=paths.checkpoints, tracker=tracker,
-                              fingerprint=fingerprint(params, paths, objective))
+    trainer = grpo_trainer(model, cfg, ids, real, examples, reference=copy.deepcopy(model), objective=objective,
+                           tokenizer=tokenizer, checker=data.checker, task=task, tracker=tracker, device=device,
+                           seed=params.seed, checkpoint_dir=paths.checkpoints,
+                           fingerprint=fingerprint(params, paths, objective))
     if dist.is_main():
         print(f"text_rl: GRPO of {objective} on {len(examples)} rl prompts, G={cfg.group_size}, reward {cfg.reward}, "
               f"{trainer.total_steps} steps, lr {trainer.lr:.2e}; probe pass rate {probe['pass_rate']:.3f}, "
@@ -327,8 +348,8 @@ def run_text_rl(params: TextParams, paths: RLPaths, objective: str, tracker: Tra
     return summary
 
 
-def write_outputs(params: TextParams, paths: RLPaths, objective: str, trainer: Trainer, tokenizer: SpecialTokens,
-                  config: dict[str, Any], summary: dict[str, Any], tracker: Tracker) -> None:
+def write_outputs(params: TextParams, paths: RLPaths, objective: str, trainer: GRPOTrainer[TextRLParams],
+                  tokenizer: SpecialTokens, config: dict[str, Any], summary: dict[str, Any], tracker: Tracker) -> None:
     """Model folder, curves and metrics, staged and renamed into place; the model is registered with lineage to
     the SFT version (and through it the pretrained one)."""
     from pipeline_lib.core.outputs import write_csv

@@ -30,7 +30,7 @@ from torch import Tensor
 from pipeline_lib.core.errors import ConfigError
 from pipeline_lib.text.data.tasks import ANSWER_CLOSE, ANSWER_OPEN, Example, format_answer
 from pipeline_lib.text.data.tokenizer import SpecialTokens, Tokenizer
-from pipeline_lib.text.models.sampling import generate_ar, generate_mdm
+from pipeline_lib.text.models.objectives import resolve_objective
 from pipeline_lib.text.models.transformer import TransformerLM
 
 EOS = "<eos>"
@@ -46,6 +46,18 @@ class ROLE:
 def task_tokenizer(base: Tokenizer) -> SpecialTokens:
     """The pretraining tokenizer plus the answer tags and ``<eos>`` (ids after its vocabulary)."""
     return SpecialTokens(base, SPECIALS)
+
+
+def eos_id(tokenizer: Tokenizer) -> int:
+    """The id of ``<eos>`` in a task model's tokenizer (`task_tokenizer`).
+
+    Raises:
+        ValueError: a tokenizer without the task tokens.
+    """
+    if not isinstance(tokenizer, SpecialTokens):
+        raise ValueError(f"a {type(tokenizer).__name__} has no {EOS}: expected a task model's tokenizer "
+                         "(task_tokenizer)")
+    return tokenizer.token_id(EOS)
 
 
 @dataclass(frozen=True)
@@ -76,7 +88,7 @@ def check_fits(prompt_len: int, answer_tokens: int, max_len: int) -> None:
 
 def encode_prompts(prompts: Sequence[str], tokenizer: Tokenizer, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Prompts -> left-padded ids (N, prompt_len) int64 (padding: ``<eos>``) and their key mask (True: real)."""
-    eos = tokenizer.token_id(EOS)  # type: ignore[attr-defined]
+    eos = eos_id(tokenizer)
     ids = np.full((len(prompts), prompt_len), eos, dtype=np.int64)
     real = np.zeros((len(prompts), prompt_len), dtype=bool)
     for row, prompt in enumerate(prompts):
@@ -95,7 +107,7 @@ def encode_examples(examples: Sequence[Example], tokenizer: Tokenizer, *, prompt
     Raises:
         ConfigError: the longest completion is over `answer_tokens`, naming the key, the split and the example.
     """
-    eos = tokenizer.token_id(EOS)  # type: ignore[attr-defined]
+    eos = eos_id(tokenizer)
     ids, real = encode_prompts([example.prompt for example in examples], tokenizer, prompt_len)
     roles = np.where(real, ROLE.PROMPT, ROLE.PAD).astype(np.int8)
     answers = np.full((len(examples), answer_tokens), eos, dtype=np.int64)
@@ -120,17 +132,10 @@ def complete(model: TransformerLM, objective: str, prompt_ids: Tensor, key_mask:
 
     AR samples token by token (temperature 0: greedy); MDM runs LLaDA's low-confidence sampler over an all-MASK
     region of `answer_tokens` in blocks of `block_length`, one token per step (temperature 0: argmax). Put the
-    model in eval mode first.
+    model in eval mode first (`models.objectives`: each objective's `generate`).
     """
-    if objective == "ar":
-        out = generate_ar(model, prompt_ids, max_new_tokens=answer_tokens, temperature=temperature,
-                          generator=generator, key_mask=key_mask)
-    elif objective == "mdm":
-        out = generate_mdm(model, prompt_ids, gen_length=answer_tokens, steps=None,
-                           block_length=block_length, temperature=temperature, mask_id=model.mask_id,
-                           generator=generator, key_mask=key_mask)
-    else:
-        raise ValueError(f"objective={objective!r}: expected 'ar' or 'mdm'")
+    out = resolve_objective(objective).generate(model, prompt_ids, new_tokens=answer_tokens, temperature=temperature,
+                                                block_length=block_length, generator=generator, key_mask=key_mask)
     completions = out[:, prompt_ids.shape[1]:]
     return completions.masked_fill(~completion_mask(completions, eos_id), eos_id)
 

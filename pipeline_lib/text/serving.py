@@ -38,7 +38,7 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from pipeline_lib.text.data.tokenizer import Tokenizer
-from pipeline_lib.text.models.sampling import generate_ar, generate_mdm
+from pipeline_lib.text.models.objectives import resolve_objective
 from pipeline_lib.text.models.saved import load_lm
 from pipeline_lib.text.models.transformer import TransformerLM
 
@@ -95,19 +95,15 @@ def generate_text(model: TransformerLM, tokenizer: Tokenizer, objective: str, pr
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ValueError("prompt is empty: the models continue a prompt of at least one token")
+    strategy = resolve_objective(objective)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    if objective == "ar":
-        prompt_ids = torch.tensor([ids], device=device).repeat(settings.num_samples, 1)
-        out = generate_ar(model, prompt_ids, max_new_tokens=settings.max_new_tokens,
-                          temperature=settings.temperature, top_k=settings.top_k, generator=generator)
-    elif objective == "mdm":  # blocks cut to fit; a window of max_len positions slides over a long sequence
-        prompt_ids = torch.tensor([ids], device=device).repeat(settings.num_samples, 1)
-        out = generate_mdm(model, prompt_ids, gen_length=settings.max_new_tokens, steps=settings.steps,
-                           block_length=settings.block_length, temperature=settings.temperature,
-                           mask_id=model.mask_id, generator=generator)
-    else:
-        raise ValueError(f"objective={objective!r}: expected 'ar' or 'mdm'")
+    prompt_ids = torch.tensor([ids], device=device).repeat(settings.num_samples, 1)
+    # Each sampler reads its knobs (ar: top_k; mdm: steps and block_length, blocks cut to fit, a window of
+    # max_len positions sliding over a long sequence) and ignores the others.
+    out = strategy.generate(model, prompt_ids, new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                            top_k=settings.top_k, steps=settings.steps, block_length=settings.block_length,
+                            generator=generator)
     return [tokenizer.decode(row[prompt_ids.shape[1]:].tolist()) for row in out.cpu()]
 
 

@@ -29,7 +29,8 @@ from pipeline_lib.text.data.checkers import Checker
 from pipeline_lib.text.data.task_data import read_task
 from pipeline_lib.text.data.tasks import Example
 from pipeline_lib.text.data.tokenizer import Tokenizer
-from pipeline_lib.text.models.saved import OBJECTIVES, load_lm
+from pipeline_lib.text.models.objectives import OBJECTIVES
+from pipeline_lib.text.models.saved import load_lm
 from pipeline_lib.text.models.transformer import TransformerLM
 from pipeline_lib.text.rewards import accuracy_reward, format_reward
 from pipeline_lib.text.rollout import complete, decode_completions, encode_prompts

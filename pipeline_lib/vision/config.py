@@ -6,7 +6,17 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from pipeline_lib.core.config import _SHA256, CoreParams, GRPOParams, RewardScale, TrainParams, _check, _fail
+from pipeline_lib.core.config import (
+    _SHA256,
+    CoreParams,
+    GRPOParams,
+    RewardScale,
+    Section,
+    TrainParams,
+    _fail,
+    bounded,
+    unbounded,
+)
 
 DataSource = Literal["digits", "cifar10", "stl10", "imagefolder"]
 
@@ -28,74 +38,51 @@ OFFICIAL_ARCHIVES: dict[str, tuple[str, str]] = {
 
 
 @dataclass(frozen=True)
-class DataParams:
+class DataParams(Section):
     """What the fetch stage downloads or reads and how it splits it (see the data contract in the README)."""
+
+    section: ClassVar[str] = "data"
 
     source: DataSource = "digits"
     url: str | None = None
     sha256: str | None = None
     path: str | None = None
-    image_size: int | None = None
-    label_fraction: float = 0.1
-    rl_fraction: float = 0.1
-    test_fraction: float = 0.2
-    max_images: int | None = None
+    image_size: int | None = bounded(None, ">= 1")
+    label_fraction: float = bounded(0.1, "(0, 1]")
+    rl_fraction: float = bounded(0.1, "[0, 1)")  # and label_fraction + rl_fraction <= 1
+    test_fraction: float = bounded(0.2, "(0, 1)")
+    max_images: int | None = bounded(None, ">= 1")
 
     def __post_init__(self) -> None:
-        _check(0.0 < self.label_fraction <= 1.0, "data.label_fraction", self.label_fraction, "must be in (0, 1]")
-        _check(0.0 <= self.rl_fraction < 1.0, "data.rl_fraction", self.rl_fraction, "must be in [0, 1)")
-        _check(0.0 < self.test_fraction < 1.0, "data.test_fraction", self.test_fraction, "must be in (0, 1)")
-        _check(
-            self.label_fraction + self.rl_fraction <= 1.0,
-            "data.rl_fraction",
-            self.rl_fraction,
-            f"data.label_fraction + data.rl_fraction = {self.label_fraction} + {self.rl_fraction} must be <= 1 "
-            "(the labeled and rl splits are disjoint); lower one, e.g. rl_fraction 0 with label_fraction 1",
-        )
-        if self.max_images is not None:
-            _check(self.max_images >= 1, "data.max_images", self.max_images, "must be a positive integer or null")
+        super().__post_init__()
+        label, rl = self.dotted("label_fraction"), self.dotted("rl_fraction")
+        self.require(self.label_fraction + self.rl_fraction <= 1.0, "rl_fraction",
+                     f"{label} + {rl} = {self.label_fraction} + {self.rl_fraction} must be <= 1 (the labeled and rl "
+                     "splits are disjoint); lower one, e.g. rl_fraction 0 with label_fraction 1")
         if self.image_size is not None:
-            _check(self.image_size >= 1, "data.image_size", self.image_size, "must be a positive integer or null")
-            _check(
-                self.source == "imagefolder",
-                "data.image_size",
-                self.image_size,
-                f"only the imagefolder source resizes images; remove it for source {self.source!r}",
-            )
+            self.require(self.source == "imagefolder", "image_size",
+                         f"only the imagefolder source resizes images; remove it for source {self.source!r}")
         if self.sha256 is not None:
-            hex_digest = bool(_SHA256.fullmatch(self.sha256))
-            _check(hex_digest, "data.sha256", self.sha256, "must be 64 hexadecimal characters")
+            self.require(bool(_SHA256.fullmatch(self.sha256)), "sha256", "must be 64 hexadecimal characters")
         self._check_location()
 
     def _check_location(self) -> None:
         """Each source takes its images from exactly one place: bundled, an official URL, a mirror, a folder."""
+        url, path = self.dotted("url"), self.dotted("path")
         if self.source == "digits":
             for name in ("url", "sha256", "path"):
-                value = getattr(self, name)
-                _check(value is None, f"data.{name}", value, "must be null for source 'digits' (bundled data)")
+                self.require(getattr(self, name) is None, name, "must be null for source 'digits' (bundled data)")
             return
-        _check(
-            self.url is not None or self.sha256 is None,
-            "data.sha256",
-            self.sha256,
-            "is only set together with data.url (it is the digest of the archive to download)",
-        )
+        self.require(self.url is not None or self.sha256 is None, "sha256",
+                     f"is only set together with {url} (it is the digest of the archive to download)")
         if self.url is not None:
-            _check(
-                self.sha256 is not None,
-                "data.sha256",
-                self.sha256,
-                f"is required with data.url={self.url!r}: downloads are verified before use",
-            )
+            self.require(self.sha256 is not None, "sha256",
+                         f"is required with {url}={self.url!r}: downloads are verified before use")
         if self.source in OFFICIAL_ARCHIVES:
-            _check(self.path is None, "data.path", self.path, f"must be null for source {self.source!r}")
+            self.require(self.path is None, "path", f"must be null for source {self.source!r}")
             return
-        _check(
-            (self.url is None) != (self.path is None),
-            "data.path",
-            self.path,
-            "source 'imagefolder' needs exactly one of data.path (a local folder) or data.url (an archive)",
-        )
+        self.require((self.url is None) != (self.path is None), "path",
+                     f"source 'imagefolder' needs exactly one of {path} (a local folder) or {url} (an archive)")
 
     @property
     def archive(self) -> tuple[str, str] | None:
@@ -107,7 +94,7 @@ class DataParams:
 
 
 @dataclass(frozen=True)
-class ModelParams:
+class ModelParams(Section):
     """The encoder architecture, shared by pretraining and finetuning.
 
     `name: vit` builds a timm `VisionTransformer` from `patch_size`, `embed_dim`, `depth` and `num_heads`;
@@ -125,58 +112,34 @@ class ModelParams:
     resolve the scaled spec once and save that (with φ = 0), so a saved config rebuilds the same network.
     """
 
+    section: ClassVar[str] = "model"
     compound_models: ClassVar[tuple[str, ...]] = ("vit", *(f"efficientnet_b{i}" for i in range(8)))
 
     name: str = "vit"
-    img_size: int | None = None
-    patch_size: int | None = 2
-    embed_dim: int = 64
-    depth: int = 4
-    num_heads: int = 4
+    img_size: int | None = bounded(None, ">= 1")  # and a multiple of patch_size
+    patch_size: int | None = bounded(2, ">= 1")  # required for vit
+    embed_dim: int = bounded(64, ">= 1")
+    depth: int = bounded(4, ">= 1")
+    num_heads: int = bounded(4, ">= 1")  # and divides embed_dim
     global_pool: GlobalPool = "avg"
-    compound_phi: float = 0.0
-    compound_alpha: float = 1.2
-    compound_beta: float = 1.1
-    compound_gamma: float = 1.15
+    compound_phi: float = bounded(0.0, ">= 0", "0: no scaling")
+    compound_alpha: float = bounded(1.2, ">= 1", "a multiplier per unit of compound_phi")
+    compound_beta: float = bounded(1.1, ">= 1", "a multiplier per unit of compound_phi")
+    compound_gamma: float = bounded(1.15, ">= 1", "a multiplier per unit of compound_phi")
 
     def __post_init__(self) -> None:
-        _check(bool(self.name.strip()), "model.name", self.name, "must be 'vit' or a timm model name")
-        _check(self.compound_phi >= 0, "model.compound_phi", self.compound_phi, "must be >= 0 (0: no scaling)")
-        for name in ("compound_alpha", "compound_beta", "compound_gamma"):
-            value = getattr(self, name)
-            _check(value >= 1, f"model.{name}", value, "must be >= 1 (a multiplier per unit of model.compound_phi)")
-        _check(
-            self.compound_phi == 0 or self.name in self.compound_models,
-            "model.compound_phi",
-            self.compound_phi,
-            f"compound scaling supports model.name {', '.join(self.compound_models)}; model.name={self.name!r} "
-            "is none of them (set model.compound_phi to 0)",
-        )
-        for name in ("embed_dim", "depth", "num_heads"):
-            value = getattr(self, name)
-            _check(value >= 1, f"model.{name}", value, "must be a positive integer")
-        if self.patch_size is not None:
-            _check(self.patch_size >= 1, "model.patch_size", self.patch_size, "must be a positive integer or null")
-        _check(
-            self.name != "vit" or self.patch_size is not None,
-            "model.patch_size",
-            self.patch_size,
-            "is required for model.name='vit'",
-        )
+        super().__post_init__()
+        name, patch_size = self.dotted("name"), self.dotted("patch_size")
+        self.require(bool(self.name.strip()), "name", "must be 'vit' or a timm model name")
+        self.require(self.compound_phi == 0 or self.name in self.compound_models, "compound_phi",
+                     f"compound scaling supports {name} {', '.join(self.compound_models)}; {name}={self.name!r} "
+                     f"is none of them (set {self.dotted('compound_phi')} to 0)")
+        self.require(self.name != "vit" or self.patch_size is not None, "patch_size", f"is required for {name}='vit'")
         if self.img_size is not None:
-            _check(self.img_size >= 1, "model.img_size", self.img_size, "must be a positive integer or null")
-            _check(
-                self.patch_size is None or self.img_size % self.patch_size == 0,
-                "model.img_size",
-                self.img_size,
-                f"must be a multiple of model.patch_size={self.patch_size}",
-            )
-        _check(
-            self.embed_dim % self.num_heads == 0,
-            "model.num_heads",
-            self.num_heads,
-            f"must divide model.embed_dim={self.embed_dim}",
-        )
+            self.require(self.patch_size is None or self.img_size % self.patch_size == 0, "img_size",
+                         f"must be a multiple of {patch_size}={self.patch_size}")
+        self.require(self.embed_dim % self.num_heads == 0, "num_heads",
+                     f"must divide {self.dotted('embed_dim')}={self.embed_dim}")
 
 
 PretrainMethod = Literal["mae", "simclr", "mocov3"]
@@ -196,47 +159,31 @@ class PretrainParams(TrainParams):
     base_lr: float = 1.5e-3
     warmup_epochs: float = 4.0
     # MAE
-    mask_ratio: float = 0.5
+    mask_ratio: float = bounded(0.5, "(0, 1)")
     norm_pix_loss: bool = False
-    decoder_embed_dim: int = 64
-    decoder_depth: int = 2
-    decoder_num_heads: int = 4
+    decoder_embed_dim: int = bounded(64, ">= 1")
+    decoder_depth: int = bounded(2, ">= 1")
+    decoder_num_heads: int = bounded(4, ">= 1")  # and divides decoder_embed_dim
     # contrastive
     loss: ContrastiveLoss = "nt_xent"
-    temperature: float = 0.2
-    margin: float = 1.0
-    projection_dim: int = 128
-    hidden_dim: int = 512
-    momentum: float = 0.99
+    temperature: float = bounded(0.2, "> 0")
+    margin: float = bounded(1.0, "> 0")
+    projection_dim: int = bounded(128, ">= 1")
+    hidden_dim: int = bounded(512, ">= 1")
+    momentum: float = bounded(0.99, "[0, 1)")
     # augmentations (all methods)
-    crop_scale_min: float = 0.5
-    flip_p: float = 0.0
+    crop_scale_min: float = bounded(0.5, "(0, 1]")
+    flip_p: float = bounded(0.0, "[0, 1]")
     # monitoring
-    knn_k: int = 20
+    knn_k: int = bounded(20, ">= 1")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(0.0 < self.mask_ratio < 1.0, "pretrain.mask_ratio", self.mask_ratio, "must be in (0, 1)")
-        sizes = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "projection_dim", "hidden_dim", "knn_k")
-        for name in sizes:
-            _check(getattr(self, name) >= 1, f"pretrain.{name}", getattr(self, name), "must be a positive integer")
-        _check(
-            self.decoder_embed_dim % self.decoder_num_heads == 0,
-            "pretrain.decoder_num_heads",
-            self.decoder_num_heads,
-            f"must divide pretrain.decoder_embed_dim={self.decoder_embed_dim}",
-        )
-        _check(self.temperature > 0, "pretrain.temperature", self.temperature, "must be > 0")
-        _check(self.margin > 0, "pretrain.margin", self.margin, "must be > 0")
-        _check(0.0 <= self.momentum < 1.0, "pretrain.momentum", self.momentum, "must be in [0, 1)")
-        _check(0.0 < self.crop_scale_min <= 1.0, "pretrain.crop_scale_min", self.crop_scale_min, "must be in (0, 1]")
-        _check(0.0 <= self.flip_p <= 1.0, "pretrain.flip_p", self.flip_p, "must be in [0, 1]")
-        _check(
-            self.method != "mocov3" or self.loss == "nt_xent",
-            "pretrain.loss",
-            self.loss,
-            "mocov3 has its own symmetric InfoNCE loss; pretrain.loss applies to simclr only (leave it nt_xent)",
-        )
+        self.require(self.decoder_embed_dim % self.decoder_num_heads == 0, "decoder_num_heads",
+                     f"must divide {self.dotted('decoder_embed_dim')}={self.decoder_embed_dim}")
+        self.require(self.method != "mocov3" or self.loss == "nt_xent", "loss",
+                     f"mocov3 has its own symmetric InfoNCE loss; {self.dotted('loss')} applies to simclr only "
+                     "(leave it nt_xent)")
 
 
 FinetuneMode = Literal["finetune", "linear_probe"]
@@ -261,32 +208,19 @@ class FinetuneParams(TrainParams):
     adam_beta2: float = 0.999
     warmup_epochs: float = 5.0
     drop_path_rate: float = 0.1
-    layer_decay: float = 0.75
-    label_smoothing: float = 0.1
-    crop_scale_min: float = 0.7
-    flip_p: float = 0.0
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    mixup_prob: float = 1.0
+    layer_decay: float = bounded(0.75, "(0, 1]", "1: off")
+    label_smoothing: float = bounded(0.1, "[0, 1)")
+    crop_scale_min: float = bounded(0.7, "(0, 1]", "1: no cropping")
+    flip_p: float = bounded(0.0, "[0, 1]")
+    mixup_alpha: float = bounded(0.0, ">= 0", "0: off")
+    cutmix_alpha: float = bounded(0.0, ">= 0", "0: off")
+    mixup_prob: float = bounded(1.0, "[0, 1]")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(0.0 < self.layer_decay <= 1.0, "finetune.layer_decay", self.layer_decay, "must be in (0, 1] (1: off)")
-        _check(0.0 <= self.label_smoothing < 1.0, "finetune.label_smoothing", self.label_smoothing, "must be in [0, 1)")
-        _check(0.0 < self.crop_scale_min <= 1.0, "finetune.crop_scale_min", self.crop_scale_min,
-               "must be in (0, 1] (1: no cropping)")
-        for name in ("flip_p", "mixup_prob"):
-            _check(0.0 <= getattr(self, name) <= 1.0, f"finetune.{name}", getattr(self, name), "must be in [0, 1]")
-        for name in ("mixup_alpha", "cutmix_alpha"):
-            _check(getattr(self, name) >= 0.0, f"finetune.{name}", getattr(self, name), "must be >= 0 (0: off)")
         micro = self.batch_size // self.accumulation_steps
-        _check(
-            not self.mixes or micro % 2 == 0,
-            "finetune.batch_size",
-            self.batch_size,
-            f"mixup/cutmix pair each image with another in its micro-batch, so batch_size / accumulation_steps "
-            f"= {micro} must be even",
-        )
+        self.require(not self.mixes or micro % 2 == 0, "batch_size", "mixup/cutmix pair each image with another in "
+                     f"its micro-batch, so batch_size / accumulation_steps = {micro} must be even")
 
     @property
     def mixes(self) -> bool:
@@ -295,20 +229,15 @@ class FinetuneParams(TrainParams):
 
 
 @dataclass(frozen=True)
-class EvaluateParams:
+class EvaluateParams(Section):
     """Test-split evaluation: calibration bins and the frozen-encoder probes (kNN, logistic regression)."""
 
-    calibration_bins: int = 15
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    probe_c: float = 1.0
+    section: ClassVar[str] = "evaluate"
 
-    def __post_init__(self) -> None:
-        for name in ("calibration_bins", "knn_k"):
-            _check(getattr(self, name) >= 1, f"evaluate.{name}", getattr(self, name), "must be a positive integer")
-        _check(self.knn_temperature > 0, "evaluate.knn_temperature", self.knn_temperature, "must be > 0")
-        _check(self.probe_c > 0, "evaluate.probe_c", self.probe_c,
-               "must be > 0 (inverse L2 strength of the logistic-regression probe)")
+    calibration_bins: int = bounded(15, ">= 1")
+    knn_k: int = bounded(20, ">= 1")
+    knn_temperature: float = bounded(0.07, "> 0")
+    probe_c: float = bounded(1.0, "> 0", "inverse L2 strength of the logistic-regression probe")
 
 
 RewardType = Literal["accuracy", "cost_matrix", "abstain"]
@@ -317,7 +246,7 @@ RewardType = Literal["accuracy", "cost_matrix", "abstain"]
 
 
 @dataclass(frozen=True)
-class RewardParams:
+class RewardParams(Section):
     """What a classifier's decision is worth, declared, never learned (see `pipeline_lib.rewards`).
 
     `accuracy`: 1 right, 0 wrong. `abstain`: `correct`, `wrong` and `abstain` for the extra action.
@@ -325,29 +254,31 @@ class RewardParams:
     with one row per true class; its shape is checked against the classes when the RL stage starts.
     """
 
+    section: ClassVar[str] = "rl.reward"
+
     type: RewardType = "abstain"
-    correct: float = 1.0
-    wrong: float = -1.0
-    abstain: float = 0.0
+    correct: float = unbounded(1.0, "any reward; with type abstain, above wrong and abstain: checked in __post_init__")
+    wrong: float = unbounded(-1.0, "any reward; with type abstain, below correct: checked in __post_init__")
+    abstain: float = unbounded(0.0, "any reward, at most correct: checked in __post_init__")
     cost_matrix: list[list[float]] | str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        correct, kind = f"{self.dotted('correct')}={self.correct}", self.dotted("type")
         if self.type == "abstain":
-            _check(self.wrong < self.correct, "rl.reward.wrong", self.wrong,
-                   f"must be below rl.reward.correct={self.correct}")
-            _check(self.abstain <= self.correct, "rl.reward.abstain", self.abstain,
-                   f"must not exceed rl.reward.correct={self.correct} (abstaining would pay more than a right answer)")
+            self.require(self.wrong < self.correct, "wrong", f"must be below {correct}")
+            self.require(self.abstain <= self.correct, "abstain",
+                         f"must not exceed {correct} (abstaining would pay more than a right answer)")
         if self.type == "cost_matrix":
-            _check(self.cost_matrix is not None, "rl.reward.cost_matrix", self.cost_matrix,
-                   "is required with rl.reward.type='cost_matrix': rows of costs (true class x predicted class) "
-                   "or the path of a CSV file")
+            self.require(self.cost_matrix is not None, "cost_matrix", f"is required with {kind}='cost_matrix': rows "
+                         "of costs (true class x predicted class) or the path of a CSV file")
             if isinstance(self.cost_matrix, list):
                 widths = {len(row) for row in self.cost_matrix}
-                _check(len(self.cost_matrix) > 0 and widths == {len(self.cost_matrix)}, "rl.reward.cost_matrix",
-                       self.cost_matrix, "must be a square matrix: one row per true class, one column per prediction")
+                self.require(len(self.cost_matrix) > 0 and widths == {len(self.cost_matrix)}, "cost_matrix",
+                             "must be a square matrix: one row per true class, one column per prediction")
         else:
-            _check(self.cost_matrix is None, "rl.reward.cost_matrix", self.cost_matrix,
-                   f"is only read with rl.reward.type='cost_matrix'; remove it for type {self.type!r}")
+            self.require(self.cost_matrix is None, "cost_matrix",
+                         f"is only read with {kind}='cost_matrix'; remove it for type {self.type!r}")
 
 
 @dataclass(frozen=True)
@@ -385,7 +316,8 @@ def data_image_side(data: DataParams) -> int | None:
 
 def data_origin(source: str) -> str:
     """How an error names where the image size comes from."""
-    return f"data.source {source!r}" + (" resized by data.image_size" if source == "imagefolder" else "")
+    resized = f" resized by {DataParams.dotted('image_size')}" if source == "imagefolder" else ""
+    return f"{DataParams.dotted('source')} {source!r}{resized}"
 
 
 def check_patch_size(patch_size: int | None, side: int, origin: str, *, own_patch: int | None = None) -> None:
@@ -405,8 +337,8 @@ def check_patch_size(patch_size: int | None, side: int, origin: str, *, own_patc
     if side % patch:
         accepted = ", ".join(str(divisor) for divisor in range(1, side + 1) if side % divisor == 0)
         kept = "" if patch_size is not None else f"(null: the timm model's own patch size {patch}) "
-        _fail("model.patch_size", patch_size, f"{kept}must divide the image size {side} of {origin} "
-              f"(accepted: {accepted}); or set model.img_size to a multiple of {patch}")
+        _fail(ModelParams.dotted("patch_size"), patch_size, f"{kept}must divide the image size {side} of {origin} "
+              f"(accepted: {accepted}); or set {ModelParams.dotted('img_size')} to a multiple of {patch}")
 
 
 @dataclass(frozen=True)
@@ -444,11 +376,11 @@ class VisionParams(CoreParams):
         """MAE's 2D sin-cos position embeddings split the encoder's and the decoder's width in four
         (`pipeline_lib.vision.models.mae.sincos_pos_embed`); compound scaling rounds a scaled `vit` width to a multiple
         of 4 itself, and a timm ViT name keeps its own width."""
-        if self.pretrain.method != "mae":
+        pretrain, model = self.pretrain, self.model
+        if pretrain.method != "mae":
             return
-        for key, width in (("pretrain.decoder_embed_dim", self.pretrain.decoder_embed_dim),
-                           ("model.embed_dim", self.model.embed_dim)):
-            if key == "model.embed_dim" and (self.model.name != "vit" or self.model.compound_phi != 0):
-                continue
-            _check(width % 4 == 0, key, width, "must be a multiple of 4 with pretrain.method='mae' (its 2D sin-cos "
-                   "position embedding splits the width into four parts)")
+        rule = (f"must be a multiple of 4 with {pretrain.dotted('method')}='mae' (its 2D sin-cos position embedding "
+                "splits the width into four parts)")
+        pretrain.require(pretrain.decoder_embed_dim % 4 == 0, "decoder_embed_dim", rule)
+        if model.name == "vit" and model.compound_phi == 0:
+            model.require(model.embed_dim % 4 == 0, "embed_dim", rule)

@@ -62,7 +62,7 @@ class FinetuneTrainer(ImageTrainer[FinetuneParams]):
         super().__init__(*args, **kwargs)
         if self.labels is None:
             raise ValueError("finetuning needs labels: pass the labeled split's labels")
-        cfg: FinetuneParams = self.cfg  # type: ignore[assignment]
+        cfg = self.cfg
         self.num_classes = num_classes
         self.mixup = None
         if cfg.mixes:
@@ -71,7 +71,7 @@ class FinetuneTrainer(ImageTrainer[FinetuneParams]):
 
     def augment_config(self) -> AugmentConfig | None:
         """Crops and flips only: colour changes need not preserve the label."""
-        cfg: FinetuneParams = self.cfg  # type: ignore[assignment]
+        cfg = self.cfg
         if cfg.crop_scale_min == 1.0 and cfg.flip_p == 0:
             return None
         return AugmentConfig(crop_scale=(cfg.crop_scale_min, 1.0), flip_p=cfg.flip_p, jitter_p=0.0,
@@ -79,19 +79,17 @@ class FinetuneTrainer(ImageTrainer[FinetuneParams]):
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Layer-wise lr decay groups over the parameters that train (all, or the head in a linear probe)."""
-        cfg: FinetuneParams = self.cfg  # type: ignore[assignment]
         skip = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
-        return param_groups_layer_decay(self.model, cfg.weight_decay, no_weight_decay_list=skip,
-                                        layer_decay=cfg.layer_decay)
+        return param_groups_layer_decay(self.model, self.cfg.weight_decay, no_weight_decay_list=skip,
+                                        layer_decay=self.cfg.layer_decay)
 
     def train_mode(self) -> None:
-        if self.cfg.mode == "linear_probe":  # type: ignore[attr-defined]
+        if self.cfg.mode == "linear_probe":
             head_only_train(self.model)
         else:
             self.model.train()
 
     def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
-        cfg: FinetuneParams = self.cfg  # type: ignore[assignment]
         images, labels = self.augmented(batch), batch.labels
         if self.mixup is not None:
             np.random.seed((step_seed(self.seed, batch.step) + batch.rows.start) % 2**32)
@@ -101,7 +99,7 @@ class FinetuneTrainer(ImageTrainer[FinetuneParams]):
             hits = logits.argmax(dim=1) == targets.argmax(dim=1)
         else:
             logits = self.forward_model(self.normalize(images))
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
             hits = logits.argmax(dim=1) == labels
         return {"loss": loss, "train_accuracy": hits.float().mean()}
 

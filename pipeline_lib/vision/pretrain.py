@@ -45,7 +45,7 @@ class MAETrainer(ImageTrainer[PretrainParams]):
     stage = "pretrain"
 
     def augment_config(self) -> AugmentConfig:
-        return augmentations(self.cfg)  # type: ignore[arg-type]
+        return augmentations(self.cfg)
 
     def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
         images = self.augmented(batch)
@@ -60,7 +60,7 @@ class TwoViewTrainer(ImageTrainer[PretrainParams]):
     stage = "pretrain"
 
     def augment_config(self) -> AugmentConfig:
-        return augmentations(self.cfg)  # type: ignore[arg-type]
+        return augmentations(self.cfg)
 
     def views(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """Two normalised views of this process's images, (b, C, S, S) each."""
@@ -71,23 +71,21 @@ class SimCLRTrainer(TwoViewTrainer):
     """SimCLR: a projection head and a two-view loss (NT-Xent with negatives from every process, or margin)."""
 
     def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
-        cfg: PretrainParams = self.cfg  # type: ignore[assignment]
         z1, z2 = self.forward_model(*self.views(batch))
-        options = {"temperature": cfg.temperature} if cfg.loss == "nt_xent" else {"margin": cfg.margin}
-        return {"loss": CONTRASTIVE_LOSSES[cfg.loss](z1, z2, **options)}
+        options = {"temperature": self.cfg.temperature} if self.cfg.loss == "nt_xent" else {"margin": self.cfg.margin}
+        return {"loss": CONTRASTIVE_LOSSES[self.cfg.loss](z1, z2, **options)}
 
 
 class MoCoV3Trainer(TwoViewTrainer):
     """MoCo v3: predictor on the online branch, momentum encoder for keys, symmetric InfoNCE."""
 
     def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
-        cfg: PretrainParams = self.cfg  # type: ignore[assignment]
         q1, q2, k1, k2 = self.forward_model(*self.views(batch))
-        return {"loss": mocov3_loss(q1, q2, k1, k2, temperature=cfg.temperature)}
+        return {"loss": mocov3_loss(q1, q2, k1, k2, temperature=self.cfg.temperature)}
 
     def after_step(self, step: int) -> None:
         """Momentum rises from `momentum` to 1 on a half-cosine over training, as in MoCo v3."""
-        base = self.cfg.momentum  # type: ignore[attr-defined]
+        base = self.cfg.momentum
         momentum = 1.0 - (1.0 - base) * 0.5 * (1.0 + math.cos(math.pi * (step + 1) / self.total_steps))
         self.model.update_momentum(momentum)
 

@@ -1,37 +1,40 @@
 """The rl stage: GRPO post-training of the finetuned classifier against the declared reward, with baselines.
 
-Trains on the `rl` split only: GRPO from the finetuned classifier (the frozen reference), and with the same
-budget the exact expected-reward objective and plain cross-entropy (the control for "RL only helped because
-it saw more labels", decided by the Bayes rule afterwards). Reports on `test`, reference against
-post-trained: reward of greedy and of sampled actions, accuracy, coverage and selective risk, NLL and ECE of
-the class distribution (renormalised without abstain), exact KL to the reference, and the area under the
-risk-coverage curve; the Bayes rule on the reference's probabilities is the bar to clear.
+Trains on the `rl` split only: GRPO from the finetuned classifier (the frozen reference; the core GRPO trainer
+with the classifier policy, `vision.policy.ClassifierPolicy`), and with the same budget the exact expected-reward
+objective and plain cross-entropy (the control for "RL only helped because it saw more labels", decided by the
+Bayes rule afterwards). Reports on `test`, reference against post-trained: reward of greedy and of sampled actions,
+accuracy, coverage and selective risk, NLL and ECE of the class distribution (renormalised without abstain), exact
+KL to the reference, and the area under the risk-coverage curve; the Bayes rule on the reference's probabilities is
+the bar to clear.
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.stats import entropy
-from torch import nn
+from torch import Tensor, nn
 
 from pipeline_lib.core import dist
 from pipeline_lib.core.config import flatten, params_hash
 from pipeline_lib.core.errors import ConfigError, DataError
+from pipeline_lib.core.grpo import GRPOTrainer, expected_reward_loss
 from pipeline_lib.core.outputs import staged_dir
 from pipeline_lib.core.tracking import Tracker, read_run_record, write_json_atomic, write_run_record
-from pipeline_lib.core.trainer import check_batch_size, code_digest
-from pipeline_lib.vision.config import RewardParams, VisionParams
+from pipeline_lib.core.trainer import Batch, Trainer, check_batch_size, code_digest
+from pipeline_lib.vision.config import RewardParams, RLParams, VisionParams
 from pipeline_lib.vision.data.store import Split, prepared_digest, read_meta, read_split
 from pipeline_lib.vision.decisions import decision_report, risk_coverage
 from pipeline_lib.vision.evaluate import predict_probabilities
-from pipeline_lib.vision.grpo import CrossEntropyTrainer, ExpectedRewardTrainer, GRPOTrainer
 from pipeline_lib.vision.metrics import classification_metrics
 from pipeline_lib.vision.models.classifier import AbstainClassifier
 from pipeline_lib.vision.models.factory import (
@@ -42,7 +45,10 @@ from pipeline_lib.vision.models.factory import (
     save_network,
     saved_model_params,
 )
+from pipeline_lib.vision.models.preprocess import Preprocess
+from pipeline_lib.vision.policy import ClassifierPolicy, class_kl, log_policy, train_heads_only
 from pipeline_lib.vision.rewards import abstain_table, accuracy_table, bayes_actions, cost_table
+from pipeline_lib.vision.trainer import ImageTrainer
 
 
 @dataclass
@@ -77,6 +83,88 @@ def reward_table(reward: RewardParams, num_classes: int) -> np.ndarray:
     except ValueError as err:  # its shape against the classifier's classes, or a value that is not finite
         detail = str(err).removeprefix("reward.cost_matrix: ")
         raise ConfigError(f"rl.reward.cost_matrix={reward.cost_matrix!r}: {detail}") from err
+
+
+def grpo_trainer(model: nn.Module, cfg: RLParams, images: Any, preprocess: Preprocess, *, reference: nn.Module,
+                 table: Tensor, device: torch.device, **kwargs: Any) -> GRPOTrainer[RLParams]:
+    """GRPO of a classifier (`ClassifierPolicy`) against the reward table `table` (A, C), anchored to `reference`,
+    the frozen finetuned classifier; `kwargs` are the base trainer's (the `rl` split's labels among them).
+
+    The trainer feeds the policy images normalised by `preprocess`, the module a served model applies.
+    """
+    if kwargs.get("labels") is None:
+        raise ValueError("GRPO needs the rl split's labels to score actions")
+    if cfg.head_only:
+        train_heads_only(model)
+    policy = ClassifierPolicy(table.to(device, torch.float32), group_size=cfg.group_size, temperature=cfg.temperature)
+    return GRPOTrainer(model, cfg, images, preprocess, policy=policy, reference=reference, device=device, **kwargs)
+
+
+class BaselineTrainer(ImageTrainer[RLParams]):
+    """A baseline trained like GRPO: on the same `rl` images and labels, as many optimizer steps on the same batches
+    (`num_iterations` per batch), the model in eval mode, only the heads with `head_only`.
+
+    Args (beyond the base trainer's): reference (the frozen finetuned classifier) and table (A, C) as `grpo_trainer`.
+    """
+
+    def __init__(self, model: nn.Module, cfg: RLParams, images: Any, preprocess: Preprocess, *, reference: nn.Module,
+                 table: Tensor, **kwargs: Any) -> None:
+        if cfg.head_only:
+            train_heads_only(model)
+        super().__init__(model, cfg, images, preprocess, **kwargs)
+        if self.labels is None:
+            raise ValueError(f"{self.stage} needs the rl split's labels")
+        self.reference = reference.to(self.device).eval().requires_grad_(False)
+        self.table = table.to(self.device, torch.float32)
+        self.num_classes = self.table.shape[1]
+
+    def updates_per_batch(self) -> int:
+        return self.cfg.num_iterations
+
+    def train_mode(self) -> None:
+        self.model.eval()
+
+
+class ExpectedRewardTrainer(BaselineTrainer):
+    """Baseline: the exact expected reward sum_a pi(a|x) R[a, y], maximised directly with the same budget.
+
+    With every action enumerable this is the objective GRPO estimates from G samples, without the sampling
+    noise; the same KL weight keeps it near the reference (exact class KL instead of the k3 estimate).
+    """
+
+    stage = "rl_expected_reward"
+
+    def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
+        cfg = self.cfg
+        images = self.normalize(batch.inputs)
+        logits = self.forward_model(images)
+        log_probs = log_policy(logits, cfg.temperature)
+        rewards = self.table[:, batch.labels].T  # (b, A): the reward of every action for each image
+        loss = expected_reward_loss(log_probs, rewards)
+        with torch.no_grad():
+            reference = self.reference(images)
+        kl = class_kl(logits, reference, cfg.temperature).mean()
+        return {"loss": loss + cfg.beta * kl, "reward": -loss.detach(), "kl": kl.detach()}
+
+
+class CrossEntropyTrainer(BaselineTrainer):
+    """Control: plain cross-entropy on the same `rl` labels and budget (the Bayes rule decides afterwards).
+
+    If RL only helps because it saw more labels, this matches it.
+    """
+
+    stage = "rl_cross_entropy"
+
+    def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
+        assert batch.labels is not None
+        logits = self.forward_model(self.normalize(batch.inputs))
+        return {"loss": F.cross_entropy(logits[:, : self.num_classes].float(), batch.labels)}
+
+
+# GRPO and its baselines, trained in this order with the same budget; cross_entropy trains the classifier as it is
+# (no abstain action: the Bayes rule decides afterwards).
+TRAINERS: dict[str, Callable[..., Trainer[RLParams]]] = {
+    "grpo": grpo_trainer, "expected_reward": ExpectedRewardTrainer, "cross_entropy": CrossEntropyTrainer}
 
 
 def logged_params(params: VisionParams) -> dict[str, Any]:
@@ -172,15 +260,14 @@ def run_rl(params: VisionParams, paths: RLPaths, tracker: Tracker, device: torch
     abstains = table.shape[0] > len(class_names)
     images, labels = rl.images, np.asarray(rl.labels)
     runs: dict[str, tuple[nn.Module, float]] = {}
-    for name, cls in (("grpo", GRPOTrainer), ("expected_reward", ExpectedRewardTrainer),
-                      ("cross_entropy", CrossEntropyTrainer)):
+    for name, make in TRAINERS.items():
         policy = copy.deepcopy(reference)
-        if abstains and cls is not CrossEntropyTrainer:
+        if abstains and name != "cross_entropy":
             policy = AbstainClassifier(policy)
         tracked = tracker if name == "grpo" else Tracker()  # only GRPO's curves go to the stage's run
-        trainer = cls(policy, cfg, images, preprocess, reference=copy.deepcopy(reference),
-                      table=torch.as_tensor(table), labels=labels, device=device, seed=params.seed,
-                      checkpoint_dir=paths.checkpoints / name, tracker=tracked, fingerprint=fingerprint(params, paths))
+        trainer = make(policy, cfg, images, preprocess, reference=copy.deepcopy(reference),
+                       table=torch.as_tensor(table), labels=labels, device=device, seed=params.seed,
+                       checkpoint_dir=paths.checkpoints / name, tracker=tracked, fingerprint=fingerprint(params, paths))
         if dist.is_main() and name == "grpo":
             print(f"rl: GRPO on {len(rl)} rl images, reward {cfg.reward.type}, G={cfg.group_size}, "
                   f"{trainer.total_steps} steps, lr {trainer.lr:.2e}, {dist.world_size()} process(es) on {device}")

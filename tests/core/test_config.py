@@ -1,16 +1,32 @@
-"""`pipeline_lib.core.config`: the committed params, every rejection message, conversions, flatten and hashing."""
+"""`pipeline_lib.core.config`: the committed params, every rejection message, conversions, flatten and hashing,
+and the declared bounds of every numeric key."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
-from pipeline_lib.core.config import TrackingParams, flatten, params_hash
+from pipeline_lib.core.config import (
+    Bounds,
+    GateParams,
+    PromoteParams,
+    Section,
+    TrackingParams,
+    TrainParams,
+    declared_bounds,
+    flatten,
+    params_hash,
+)
 from pipeline_lib.core.errors import ConfigError
 from pipeline_lib.params import Params, load_params, params_from_dict
-from pipeline_lib.vision.config import OFFICIAL_ARCHIVES, DataParams
+from pipeline_lib.text.config import TextPretrainParams, TextRLParams, TextSFTParams
+from pipeline_lib.vision.config import OFFICIAL_ARCHIVES, DataParams, FinetuneParams, PretrainParams, RLParams
 
 REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 SHA = "ab" * 32
@@ -171,7 +187,7 @@ BAD_INPUTS: list[tuple[str, list[str]]] = [
     ("text_pretrain:\n  compute_budget: 1.0e+20\n",
      ["text_pretrain.compute_budget=1e+20", "only read with text_pretrain.hparams='auto'"]),
     ("text_pretrain:\n  hparams: auto\n  compute_budget: -1.0\n",
-     ["text_pretrain.compute_budget=-1.0", "must be > 0 FLOPs"]),
+     ["text_pretrain.compute_budget=-1.0", "must be > 0 or null (in FLOPs"]),
 ]
 
 
@@ -406,3 +422,165 @@ def test_mae_needs_widths_divisible_by_four() -> None:
         params_from_dict({"pretrain": {"decoder_embed_dim": 66, "decoder_num_heads": 3}})
     assert params_from_dict({"model": {"embed_dim": 66, "num_heads": 3}, "pretrain": {"method": "simclr"}})
     assert params_from_dict({"model": {"embed_dim": 66, "num_heads": 3, "compound_phi": 1.0}})  # rounded to 4s
+
+
+# -- the bounds mechanism: each numeric key's range declared once, beside its field, checked by `Section`
+
+
+def _sections() -> dict[str, type]:
+    """Every section class of `Params` by its dotted place in params.yaml (the top level as '')."""
+    found: dict[str, type] = {"": Params}
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            kinds = [kind for kind in typing.get_args(hints[field.name]) or (hints[field.name],)
+                     if kind is not type(None)]
+            if len(kinds) == 1 and dataclasses.is_dataclass(kinds[0]):
+                found[prefix + field.name] = kinds[0]
+                walk(kinds[0], f"{prefix}{field.name}.")
+
+    walk(Params, "")
+    return found
+
+
+SECTIONS = _sections()
+
+
+def _numeric_fields(cls: type) -> set[str]:
+    hints = typing.get_type_hints(cls)
+    numeric = set()
+    for field in dataclasses.fields(cls):
+        kinds = [kind for kind in typing.get_args(hints[field.name]) or (hints[field.name],) if kind is not type(None)]
+        if kinds in ([int], [float]):
+            numeric.add(field.name)
+    return numeric
+
+
+def _outside(bounds: Bounds, integer: bool) -> list[int | float]:
+    """A value just outside each finite end of `bounds` (the end itself where it is open)."""
+    values = []
+    if math.isfinite(bounds.lower):
+        values.append(bounds.lower if bounds.lower_open else bounds.lower - 1)
+    if math.isfinite(bounds.upper):
+        values.append(bounds.upper if bounds.upper_open else bounds.upper + 1)
+    return [int(value) if integer else float(value) for value in values]
+
+
+VIOLATIONS = [(place, name, value) for place, cls in SECTIONS.items()
+              for name, (bounds, integer, _) in declared_bounds(cls).items() for value in _outside(bounds, integer)]
+
+
+def test_every_section_names_its_place_in_the_file() -> None:
+    """Errors spell a key from its section's `section`, so that must be where the section sits in params.yaml."""
+    for place, cls in SECTIONS.items():
+        if cls is GateParams:  # one class under each model's key (promote.classifier, ...): PromoteParams names it
+            assert place.startswith(f"{PromoteParams.section}.")
+            continue
+        assert issubclass(cls, Section) and cls.section == place, (cls, place)
+
+
+@pytest.mark.parametrize("place", sorted(SECTIONS))
+def test_every_numeric_key_declares_its_bounds(place: str) -> None:
+    """Every int and float key has `bounded` or `unbounded` (with its reason) beside it, in its class or a base."""
+    declared = declared_bounds(SECTIONS[place])
+    assert set(declared) == _numeric_fields(SECTIONS[place])
+    for name, (bounds, _, _) in declared.items():
+        assert bounds.interval or bounds.note, f"{place}.{name}: unbounded needs its reason"
+
+
+def test_a_numeric_field_without_bounds_is_a_mistake_in_the_code() -> None:
+    @dataclass(frozen=True)
+    class Loose(Section):
+        section: ClassVar[str] = "loose"
+        steps: int = 1
+
+    with pytest.raises(TypeError, match=r"Loose\.steps: a numeric field declares its range"):
+        Loose()
+
+
+@pytest.mark.parametrize(("place", "name", "value"), VIOLATIONS,
+                         ids=[f"{place or 'top'}.{name}={value}" for place, name, value in VIOLATIONS])
+def test_a_value_outside_its_bounds_gives_the_declared_message(place: str, name: str, value: float) -> None:
+    """Loaded from YAML or built in Python, a value outside the declared bounds is refused with one message:
+    the dotted key, the value, and the interval as declared (plus its note)."""
+    cls = SECTIONS[place]
+    bounds, integer, optional = declared_bounds(cls)[name]
+    key = f"{place}.{name}" if place else name
+    keys: dict[str, Any] = {name: value}
+    if cls is GateParams:
+        keys["metric"] = "test.accuracy"
+    document: dict[str, Any] = keys
+    for part in reversed(place.split(".") if place else []):
+        document = {part: document}
+    with pytest.raises(ConfigError) as loaded:
+        params_from_dict(document)
+    message = str(loaded.value)
+    assert message == f"{key}={value!r}: {bounds.rule(integer=integer, optional=optional)}"
+    assert message.startswith(f"{key}={value!r}: must be ")
+    assert ("a positive integer" if integer and bounds.interval == ">= 1" else bounds.interval) in message
+    assert (" or null" in message) == optional
+    assert message.endswith(f" ({bounds.note})") == bool(bounds.note)
+    with pytest.raises(ConfigError) as built:
+        if cls is GateParams:
+            PromoteParams(**{place.split(".")[-1]: GateParams(**keys)})
+        else:
+            cls(**keys)
+    assert str(built.value) == message
+
+
+@pytest.mark.parametrize(("interval", "integer", "optional", "note", "rule"), [
+    (">= 1", True, False, "", "must be a positive integer"),
+    (">= 1", True, True, "sized from d_model", "must be a positive integer or null (sized from d_model)"),
+    (">= 0", True, False, "0: off", "must be an integer >= 0 (0: off)"),
+    ("[0, 2**32)", True, False, "", "must be an integer in [0, 2**32)"),
+    (">= 2", True, False, "", "must be >= 2"),
+    ("(0, 1]", False, False, "", "must be in (0, 1]"),
+    ("> 0", False, True, "no clipping", "must be > 0 or null (no clipping)"),
+    ("< 1.0e-3", False, False, "", "must be < 1.0e-3"),
+])
+def test_a_rule_reads_as_its_interval(interval: str, integer: bool, optional: bool, note: str, rule: str) -> None:
+    assert Bounds.parse(interval, note).rule(integer=integer, optional=optional) == rule
+
+
+@pytest.mark.parametrize(("interval", "inside", "outside"), [
+    (">= 1", [1, 2, 10**9], [0, -1]),
+    ("> 0", [1.0e-12, 5.0], [0.0, -1.0]),
+    ("<= 1", [1.0, -3.0], [1.5]),
+    ("(0, 1]", [1.0e-9, 1.0], [0.0, 1.01]),
+    ("[0, 1)", [0.0, 0.999], [1.0, -0.1]),
+    ("[0, 2**32)", [0, 2**32 - 1], [2**32, -1]),
+])
+def test_bounds_admit_exactly_their_interval(interval: str, inside: list[float], outside: list[float]) -> None:
+    bounds = Bounds.parse(interval)
+    assert all(bounds.admits(value) for value in inside)
+    assert not any(bounds.admits(value) for value in outside)
+
+
+@pytest.mark.parametrize("interval", ["", "between 0 and 1", "0 < x", "(0, 1", ">=1"])
+def test_a_malformed_interval_fails_where_it_is_declared(interval: str) -> None:
+    with pytest.raises(ValueError, match="bounds"):
+        Bounds.parse(interval)
+
+
+@pytest.mark.parametrize("cls", [TrainParams, PretrainParams, FinetuneParams, RLParams, TextPretrainParams,
+                                 TextSFTParams, TextRLParams])
+def test_a_redeclared_default_keeps_the_base_bounds(cls: type[TrainParams]) -> None:
+    """A training section that changes a base key's default (`epochs: int = 150`) keeps the base's bounds, and
+    the error names the subclass's own section."""
+    with pytest.raises(ConfigError, match=rf"^{cls.section}\.epochs=0: must be a positive integer$"):
+        cls(epochs=0)
+    with pytest.raises(ConfigError, match=rf"^{cls.section}\.drop_path_rate=1\.0: must be in \[0, 1\)$"):
+        cls(drop_path_rate=1.0)
+    with pytest.raises(ConfigError, match=rf"^{cls.section}\.log_every=0: must be a positive integer$"):
+        cls(log_every=0)
+
+
+def test_a_non_finite_number_built_in_python_is_refused_as_in_yaml(tmp_path: Path) -> None:
+    """An unbounded key still takes finite numbers only, whether it comes from YAML or from Python."""
+    with pytest.raises(ConfigError) as loaded:
+        load_params(_write(tmp_path, "rl:\n  reward:\n    correct: .inf\n"))
+    assert str(loaded.value) == "rl.reward.correct=inf: must be a finite number"
+    with pytest.raises(ConfigError) as built:
+        RLParams(reward=type(RLParams().reward)(correct=math.inf))
+    assert str(built.value) == str(loaded.value)

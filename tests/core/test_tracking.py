@@ -12,7 +12,15 @@ import pytest
 import yaml
 
 from pipeline_lib.core.config import flatten, params_hash
-from pipeline_lib.core.tracking import MlflowTracker, artifact_location, git_state, project_root, tracking_uri
+from pipeline_lib.core.tracking import (
+    MlflowTracker,
+    artifact_location,
+    git_state,
+    project_root,
+    tracking_uri,
+    upstream_runs,
+    write_run_record,
+)
 from pipeline_lib.params import load_params
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,3 +157,11 @@ def test_git_dirty_ignores_what_dvc_writes_and_names_what_else_changed(tmp_path:
 
 def test_git_state_outside_a_repository(tmp_path: Path) -> None:
     assert git_state(tmp_path) == {"git.commit": "unknown", "git.dirty": "unknown"}
+
+
+def test_upstream_runs_reads_each_folders_run_record(tmp_path: Path) -> None:
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    with mlflow.start_run() as run:
+        write_run_record(tmp_path / "prepared" / "run.json", MlflowTracker(run.info.run_id))
+    folders = {"fetch": tmp_path / "prepared", "pretrain": tmp_path / "no-record", "finetune": None}
+    assert upstream_runs(folders) == {"fetch": run.info.run_id, "pretrain": "unknown"}  # None: an input left out

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline_lib.core.grpo import group_advantages, grpo_loss, k3_kl
+from pipeline_lib.core.grpo import GRPOTrainer, group_advantages, grpo_loss, k3_kl
 from pipeline_lib.core.tracking import Tracker
 from pipeline_lib.params import params_from_dict
 from pipeline_lib.text.config import TextRLParams
@@ -27,7 +27,18 @@ from pipeline_lib.text.data.tokenizer import CharTokenizer
 from pipeline_lib.text.losses import mdm_corrupt, sft_ar_loss, sft_mdm_loss
 from pipeline_lib.text.models.transformer import TransformerLM, grow_vocab
 from pipeline_lib.text.rewards import accuracy_reward, format_reward
-from pipeline_lib.text.rl import NoLearningSignal, TextGRPOTrainer, check_signal, probe_signal, reward_of, token_logps
+from pipeline_lib.text.rl import (
+    POLICIES,
+    ARPolicy,
+    MDMPolicy,
+    NoLearningSignal,
+    ar_token_logps,
+    check_signal,
+    grpo_trainer,
+    mdm_token_logps,
+    probe_signal,
+    reward_of,
+)
 from pipeline_lib.text.rollout import (
     EOS,
     ROLE,
@@ -84,8 +95,7 @@ def test_ar_token_logps_equal_teacher_forcing_on_each_unpadded_sequence() -> Non
     completions = complete(model, "ar", ids, real, answer_tokens=5, temperature=1.0, block_length=5, eos_id=EOS_ID,
                            generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logp, entropy = token_logps(model, "ar", ids, real, completions, mask_id=None, prompt_mask_prob=0.0,
-                                    mask_seed=0)
+        logp, entropy = ar_token_logps(model, ids, real, completions)
     assert logp.shape == entropy.shape == completions.shape
     for row in range(len(PROMPTS)):
         prompt = ids[row][real[row]]  # (p,) without the padding
@@ -113,11 +123,11 @@ def test_mdm_token_logps_mask_the_completion_and_follow_the_seed() -> None:
     seen, hook = recorded_inputs(model)
     try:
         with torch.no_grad():
-            a, _ = token_logps(model, "mdm", ids, real, completions, prompt_mask_prob=0.5, mask_seed=7, **options)
-            b, _ = token_logps(model, "mdm", ids, real, completions, prompt_mask_prob=0.5, mask_seed=7, **options)
-            c, _ = token_logps(model, "mdm", ids, real, completions, prompt_mask_prob=0.5, mask_seed=8, **options)
-            d, _ = token_logps(model, "mdm", ids, real, completions, prompt_mask_prob=0.0, mask_seed=7, **options)
-            e, _ = token_logps(model, "mdm", ids, real, completions, prompt_mask_prob=0.0, mask_seed=8, **options)
+            a, _ = mdm_token_logps(model, ids, real, completions, prompt_mask_prob=0.5, mask_seed=7, **options)
+            b, _ = mdm_token_logps(model, ids, real, completions, prompt_mask_prob=0.5, mask_seed=7, **options)
+            c, _ = mdm_token_logps(model, ids, real, completions, prompt_mask_prob=0.5, mask_seed=8, **options)
+            d, _ = mdm_token_logps(model, ids, real, completions, prompt_mask_prob=0.0, mask_seed=7, **options)
+            e, _ = mdm_token_logps(model, ids, real, completions, prompt_mask_prob=0.0, mask_seed=8, **options)
     finally:
         hook.remove()
     assert torch.equal(a, b)  # the same seed: the same prompt mask, the same log-probs
@@ -305,13 +315,13 @@ def sft(model: TransformerLM, examples: Sequence[Example], steps: int) -> Transf
     return model.eval()
 
 
-def grpo_trainer(model: TransformerLM, objective: str, cfg: TextRLParams, examples: Sequence[Example],
-                 checkpoints: Path) -> TextGRPOTrainer:
+def text_trainer(model: TransformerLM, objective: str, cfg: TextRLParams, examples: Sequence[Example],
+                 checkpoints: Path) -> GRPOTrainer[TextRLParams]:
     """Constructed as `run_text_rl` does, with a no-op tracker."""
     ids, real = encode_prompts([e.prompt for e in examples], TOKENIZER, PROMPT_LEN)
-    return TextGRPOTrainer(model, cfg, ids, real, examples, reference=copy.deepcopy(model), objective=objective,
-                           tokenizer=TOKENIZER, checker=NUMERIC, task=TASK, device=torch.device("cpu"), seed=0,
-                           checkpoint_dir=checkpoints, tracker=Tracker(), fingerprint="test")
+    return grpo_trainer(model, cfg, ids, real, examples, reference=copy.deepcopy(model), objective=objective,
+                        tokenizer=TOKENIZER, checker=NUMERIC, task=TASK, tracker=Tracker(), device=torch.device("cpu"),
+                        seed=0, checkpoint_dir=checkpoints, fingerprint="test")
 
 
 @torch.no_grad()
@@ -335,7 +345,7 @@ def test_grpo_raises_the_expected_reward_in_a_fixed_seed_run(tmp_path: Path) -> 
     check_signal(probe, cfg)
     before = expected_format_reward(model, rl_examples, samples=64)
     assert 0.2 < before < 0.8  # room to improve
-    trainer = grpo_trainer(model, "ar", cfg, rl_examples, tmp_path)
+    trainer = text_trainer(model, "ar", cfg, rl_examples, tmp_path)
     result = trainer.fit()
     assert result.steps == 16 and len(result.history) == 16
     after = expected_format_reward(model, rl_examples, samples=64)
@@ -362,11 +372,15 @@ def test_two_updates_per_batch_change_the_parameters_and_start_at_ratio_one(obje
                     num_iterations=2, block_length=ANSWER_TOKENS, prompt_mask_prob=0.5, log_every=1,
                     checkpoint_every=1000)
     model = copy.deepcopy(start)
-    trainer = grpo_trainer(model, objective, cfg, ADDITIONS[:4], tmp_path)
+    trainer = text_trainer(model, objective, cfg, ADDITIONS[:4], tmp_path)
+    assert type(trainer.policy) is POLICIES[objective] and trainer.stage == "text_rl"
     trainer.train_step(0)
     first = trainer.sampled["0:0"]
     assert first["completions"].shape == (4 * 8, ANSWER_TOKENS)
     assert (first["advantages"] != 0).any()  # some group got unequal rewards: there is a gradient
+    # old and reference log-probs per update where the prompt mask changes (MDM), once where nothing does (AR)
+    updates = 2 if objective == "mdm" else 1
+    assert first["ref_logp"].shape == first["old_logp"].shape == (updates, 4, 8, ANSWER_TOKENS)
     trainer.train_step(1)
     assert trainer.sampled["0:0"] is first  # the second update reuses the batch's completions
     after = model.state_dict()
@@ -374,12 +388,24 @@ def test_two_updates_per_batch_change_the_parameters_and_start_at_ratio_one(obje
         assert not torch.equal(value, after[name]), f"{name} did not change in two steps"
     # the first update's old log-probs are the policy's own, under the same prompt mask (MDM): ratio 1, KL 0
     with torch.no_grad():
-        fresh = grpo_trainer(copy.deepcopy(start), objective, cfg, ADDITIONS[:4], tmp_path / "again")
+        fresh = text_trainer(copy.deepcopy(start), objective, cfg, ADDITIONS[:4], tmp_path / "again")
         out = fresh.compute_loss(next(iter(fresh.micro_batches(0))))
         assert out["ratio"].item() == pytest.approx(1.0, abs=1e-6)
         assert out["kl"].item() == pytest.approx(0.0, abs=1e-6)  # the policy is the reference at the start
         second = fresh.compute_loss(next(iter(fresh.micro_batches(1))))  # iteration 1, the policy unchanged
         assert second["ratio"].item() == pytest.approx(1.0, abs=1e-6)  # old log-probs under the same mask
+
+
+def test_policies_by_objective_and_the_metrics_each_step_logs(tmp_path: Path) -> None:
+    assert POLICIES["ar"] is ARPolicy and POLICIES["mdm"] is MDMPolicy and len(POLICIES) == 2
+    assert not ARPolicy.varies_by_iteration and MDMPolicy.varies_by_iteration
+    cfg = rl_params(epochs=1, batch_size=4, group_size=4, reward="combined", log_every=1, checkpoint_every=1000)
+    with pytest.raises(ValueError, match="objective='gpt'"):
+        text_trainer(task_model("ar"), "gpt", cfg, ADDITIONS[:4], tmp_path)
+    history = text_trainer(task_model("ar"), "ar", cfg, ADDITIONS[:4], tmp_path).fit().history
+    assert set(history[0]) >= {"loss", "kl", "clip_ratio", "ratio", "reward", "reward_std", "frac_reward_zero_std",
+                               "accuracy", "entropy", "completion_length", "completion_length_min",
+                               "completion_length_max", "grad_norm", "lr", "samples_per_second", "step_time"}
 
 
 @pytest.mark.parametrize("objective", ["ar", "mdm"])
@@ -389,13 +415,13 @@ def test_resuming_between_two_updates_of_a_batch_matches_an_unbroken_run(objecti
     cfg = rl_params(epochs=1, batch_size=4, group_size=8, base_lr=0.1, beta=0.04, reward="format", temperature=1.0,
                     num_iterations=2, block_length=ANSWER_TOKENS, prompt_mask_prob=0.5, log_every=1,
                     checkpoint_every=1)
-    unbroken = grpo_trainer(copy.deepcopy(start), objective, cfg, ADDITIONS[:8], tmp_path / "unbroken")
+    unbroken = text_trainer(copy.deepcopy(start), objective, cfg, ADDITIONS[:8], tmp_path / "unbroken")
     unbroken.fit()
-    broken = grpo_trainer(copy.deepcopy(start), objective, cfg, ADDITIONS[:8], tmp_path / "broken")
+    broken = text_trainer(copy.deepcopy(start), objective, cfg, ADDITIONS[:8], tmp_path / "broken")
     for step in range(3):  # batch 0's two updates and batch 1's first
         broken.train_step(step)
     broken.save_checkpoint(3)
-    resumed = grpo_trainer(copy.deepcopy(start), objective, cfg, ADDITIONS[:8], tmp_path / "broken")
+    resumed = text_trainer(copy.deepcopy(start), objective, cfg, ADDITIONS[:8], tmp_path / "broken")
     assert resumed.fit().resumed_from == 3
     expected = unbroken.model.state_dict()
     for name, value in resumed.model.state_dict().items():

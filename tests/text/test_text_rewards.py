@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
+from pipeline_lib.text.config import TextReward
 from pipeline_lib.text.data import tasks
 from pipeline_lib.text.data.checkers import (
     CHECKERS,
@@ -19,7 +21,7 @@ from pipeline_lib.text.data.checkers import (
     numeric,
 )
 from pipeline_lib.text.data.tasks import Example, format_answer, make_splits
-from pipeline_lib.text.rewards import accuracy_reward, combined_reward, format_reward
+from pipeline_lib.text.rewards import REWARDS, accuracy_reward, combined_reward, format_reward
 
 SUM = Example("123+456=", "579")
 PUZZLE = Example("numbers 3 7 12 target 33=", "3*7+12")
@@ -235,3 +237,11 @@ def test_combined_reward_uses_the_given_format_score_and_checker() -> None:
 def test_combined_reward_refuses_a_format_score_outside_zero_one(format_score: float) -> None:
     with pytest.raises(ValueError, match=r"format_score=.*: must be in \[0, 1\)"):
         combined_reward("<answer>579</answer>", SUM, numeric, format_score=format_score)
+
+
+def test_rewards_by_name_are_the_declared_rules() -> None:
+    assert set(REWARDS) == set(get_args(TextReward))  # every accepted text_rl.reward has its rule
+    right, wrong, malformed = "<answer>579</answer>", "<answer>578</answer>", "579"
+    expected = {"accuracy": (1.0, 0.0, 0.0), "format": (1.0, 1.0, 0.0), "combined": (1.0, 0.3, 0.0)}
+    for name, values in expected.items():
+        assert tuple(REWARDS[name](text, SUM, numeric, 0.3) for text in (right, wrong, malformed)) == values, name

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_lib.text.evaluate import ar_nats, sliding_windows
+from pipeline_lib.text.models.likelihood import ar_nats, sliding_windows
 from pipeline_lib.text.models.transformer import TransformerLM
 
 

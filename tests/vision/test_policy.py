@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pipeline_lib.vision.config import ModelParams
 from pipeline_lib.vision.models.classifier import AbstainClassifier, attach_head
 from pipeline_lib.vision.models.factory import build_encoder
-from pipeline_lib.vision.policy import class_kl, log_policy, sample_actions
+from pipeline_lib.vision.policy import ClassifierPolicy, class_kl, log_policy, sample_actions
 
 
 @pytest.fixture(params=["vit", "resnet18"])
@@ -61,6 +61,18 @@ def test_class_kl_by_hand_and_with_temperature() -> None:
     expected = 0.5 * torch.log(torch.tensor(0.5 / 0.25)) + 0.5 * torch.log(torch.tensor(0.5 / 0.75))
     assert class_kl(policy, reference).item() == pytest.approx(expected.item(), rel=1e-6)
     assert class_kl(reference, reference, temperature=2.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_classifier_policy_kl_is_k3_over_the_classes_and_zero_for_abstain() -> None:
+    policy = ClassifierPolicy(torch.eye(3, 2), group_size=3, temperature=1.0)  # 2 classes + abstain
+    log_probs = torch.log(torch.tensor([[0.3, 0.5, 0.2]]))  # (1, A): renormalised classes 0.375, 0.625
+    reference = torch.log(torch.tensor([[0.5, 0.5]]))  # (1, C)
+    actions = torch.tensor([[0, 1, 2]])
+    kl = policy.kl(policy.scored(log_probs, actions), policy.scored(reference, actions), {"actions": actions})
+    ratio = torch.tensor([0.5 / 0.375, 0.5 / 0.625])  # reference / policy at the class actions
+    assert torch.allclose(kl[0, :2], ratio - ratio.log() - 1, atol=1e-6)
+    assert kl[0, 2] == 0  # the reference defines no abstain: no KL term
+    assert policy.scored(log_probs, actions).logp.tolist() == log_probs.gather(1, actions).tolist()
 
 
 def test_bad_init_prob_is_refused(classifier: torch.nn.Module) -> None:

@@ -4,20 +4,25 @@ several updates per sampled batch, exact resume mid-batch, and a reward that ris
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+from pipeline_lib.core.grpo import GRPOTrainer
 from pipeline_lib.core.tracking import Tracker
+from pipeline_lib.core.trainer import Trainer
 from pipeline_lib.params import params_from_dict
 from pipeline_lib.vision.config import ModelParams
-from pipeline_lib.vision.grpo import CrossEntropyTrainer, ExpectedRewardTrainer, GRPOTrainer
 from pipeline_lib.vision.models.classifier import AbstainClassifier, attach_head
 from pipeline_lib.vision.models.factory import build_encoder
 from pipeline_lib.vision.models.preprocess import Preprocess
+from pipeline_lib.vision.policy import ClassifierPolicy
 from pipeline_lib.vision.rewards import abstain_table, accuracy_table
+from pipeline_lib.vision.rl import CrossEntropyTrainer, ExpectedRewardTrainer, grpo_trainer
 
 TINY_VIT = ModelParams(name="vit", patch_size=2, embed_dim=32, depth=2, num_heads=2)
 STEP_METRICS = {"loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "clip_ratio", "grad_norm",
@@ -32,7 +37,7 @@ def _data(count: int = 32) -> tuple[np.ndarray, np.ndarray]:
     return images.astype(np.uint8), labels
 
 
-def _trainer(root: Path, *, abstain: bool = True, cls: type[GRPOTrainer] = GRPOTrainer, **rl: object) -> GRPOTrainer:
+def _trainer(root: Path, *, abstain: bool = True, cls: Callable[..., Trainer] = grpo_trainer, **rl: object) -> Any:
     torch.manual_seed(0)
     classifier = attach_head(build_encoder(TINY_VIT, in_chans=1, img_size=8, drop_path_rate=0.2), 4)
     reference = copy.deepcopy(classifier)
@@ -41,8 +46,34 @@ def _trainer(root: Path, *, abstain: bool = True, cls: type[GRPOTrainer] = GRPOT
     cfg = params_from_dict({"rl": {"epochs": 2, "batch_size": 8, "log_every": 1, "group_size": 4, **rl}}).rl
     images, labels = _data()
     return cls(policy, cfg, images, Preprocess([0.5], [0.25], 8), reference=reference,
-                       table=torch.tensor(table), labels=labels, device=torch.device("cpu"), seed=0,
-                       checkpoint_dir=root / "ck", tracker=Tracker(), fingerprint="grpo")
+               table=torch.tensor(table), labels=labels, device=torch.device("cpu"), seed=0,
+               checkpoint_dir=root / "ck", tracker=Tracker(), fingerprint="grpo")
+
+
+def test_is_the_core_trainer_with_the_classifier_policy_and_samples_from_the_update_pass(tmp_path: Path) -> None:
+    """One forward pass of the policy per step gives the G actions and the update's log-probs."""
+    trainer = _trainer(tmp_path, epochs=1)
+    assert isinstance(trainer, GRPOTrainer) and isinstance(trainer.policy, ClassifierPolicy)
+    calls = []
+    hook = trainer.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        trainer.train_step(0)
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+    assert trainer.sampled["0:0"]["actions"].shape == (8, 4)
+    history = trainer.fit().history
+    assert trainer.stage == "rl" and "images_per_second" in history[0]  # the stage's name and throughput key
+
+
+def test_refuses_to_train_without_labels(tmp_path: Path) -> None:
+    cfg = params_from_dict({"rl": {"epochs": 1, "batch_size": 8, "group_size": 4}}).rl
+    images, _ = _data()
+    model = attach_head(build_encoder(TINY_VIT, in_chans=1, img_size=8), 4)
+    with pytest.raises(ValueError, match="labels"):
+        grpo_trainer(model, cfg, images, Preprocess([0.5], [0.25], 8), reference=copy.deepcopy(model),
+                     table=torch.tensor(accuracy_table(4)), device=torch.device("cpu"), seed=0,
+                     checkpoint_dir=tmp_path, tracker=Tracker(), fingerprint="grpo")
 
 
 def test_logs_every_step_metric_and_starts_at_the_reference(tmp_path: Path) -> None:

@@ -13,17 +13,19 @@ from torch import nn
 from pipeline_lib.text.config import TextMoEParams
 from pipeline_lib.text.data.tokenizer import Tokenizer, load_tokenizer
 from pipeline_lib.text.models.mtp import MultiTokenPrediction
+from pipeline_lib.text.models.objectives import OBJECTIVES as OBJECTIVES  # the objectives' names, for the stages
+from pipeline_lib.text.models.objectives import resolve_objective
 from pipeline_lib.text.models.transformer import TransformerLM
 
 WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
 
 
-OBJECTIVES = ("ar", "mdm")
-
-
 def exported(model: nn.Module) -> TransformerLM:
     """The language model a trained module exports: itself, or the main model of a multi-token predictor."""
-    return model.lm if isinstance(model, MultiTokenPrediction) else model  # type: ignore[return-value]
+    lm = model.lm if isinstance(model, MultiTokenPrediction) else model
+    if not isinstance(lm, TransformerLM):
+        raise TypeError(f"expected a TransformerLM or a MultiTokenPrediction around one, got {type(model).__name__}")
+    return lm
 
 
 def lm_config(model: TransformerLM, objective: str, **extra: Any) -> dict[str, Any]:
@@ -36,8 +38,8 @@ def load_lm(folder: Path, device: torch.device | str = "cpu") -> tuple[Transform
     folder = Path(folder)
     config = json.loads((folder / CONFIG_FILE).read_text())
     moe = config.get("moe")
-    model = TransformerLM(config["vocab_size"], d_model=config["d_model"], n_layer=config["n_layer"],
-                          n_head=config["n_head"], max_len=config["max_len"], causal=config["objective"] == "ar",
-                          mask_token=config["objective"] == "mdm", moe=TextMoEParams(**moe) if moe else None)
+    model = resolve_objective(config["objective"]).build(
+        config["vocab_size"], d_model=config["d_model"], n_layer=config["n_layer"], n_head=config["n_head"],
+        max_len=config["max_len"], moe=TextMoEParams(**moe) if moe else None)
     model.load_state_dict(load_file(folder / WEIGHTS_FILE))
     return model.to(device).eval(), load_tokenizer(folder / TOKENIZER_FILE), config
