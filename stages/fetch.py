@@ -6,14 +6,11 @@ Usage: python -m stages.fetch --params params.yaml --out data/prepared --cache-d
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from pipeline_lib.core.config import flatten
 from pipeline_lib.core.runner import Stage, run_stage, stage_parser
-from pipeline_lib.core.tracking import Tracker, write_run_record
-from pipeline_lib.params import Params, load_params
-from pipeline_lib.vision.data.prepare import check_inputs, prepare_dataset
-from pipeline_lib.vision.data.summary import log_prepared
+from pipeline_lib.params import load_params
+from pipeline_lib.vision.data.prepare import check_inputs, run_fetch
 
 
 def main() -> None:
@@ -24,18 +21,11 @@ def main() -> None:
     run_stage(Stage(
         "fetch", load_params, logged=lambda params: {"seed": params.seed, **flatten(params.data, prefix="data.")},
         check=lambda params: check_inputs(params.data),  # the data location
-        run=lambda params, tracker, _: fetch(params, tracker, args.out, args.cache_dir),
+        run=lambda params, tracker, _: run_fetch(params, tracker, args.out, args.cache_dir),
         report=lambda done: f"{done['source']} -> {args.out} ({done['sizes']}); MLflow run {done['run_id']}",
     ), args.params)
 
 
-def fetch(params: Params, tracker: Tracker, out: Path, cache_dir: Path) -> dict[str, Any]:
-    """Prepare the splits into `out`, log them to the run, and point `run.json` at the run."""
-    metas = prepare_dataset(params.data, params.seed, out, cache_dir)
-    log_prepared(tracker, out, metas)
-    write_run_record(out / "run.json", tracker)
-    sizes = ", ".join(f"{name} {meta['num_images']}" for name, meta in metas.items())
-    return {"source": params.data.source, "sizes": sizes, "run_id": tracker.run_id}
 
 
 if __name__ == "__main__":

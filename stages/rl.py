@@ -27,7 +27,7 @@ def main() -> None:
         upstream={"fetch": paths.data, "finetune": paths.classifier},
         tags=lambda: model_version_tags("finetuned", paths.classifier),
         # the GRPO trainer's checkpoints (its run is the stage's; the baselines' trainers log nowhere)
-        checkpoints=paths.checkpoints / "grpo", fingerprint=lambda params: fingerprint(params, paths),
+        checkpoints=paths.checkpoints_of("grpo"), fingerprint=lambda params: fingerprint(params, paths),
         run=lambda params, tracker, device: run_rl(params, paths, tracker, device),
     ), args.params)
 

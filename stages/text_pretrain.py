@@ -11,7 +11,7 @@ from __future__ import annotations
 from pipeline_lib.core.runner import Stage, run_stage, stage_parser
 from pipeline_lib.params import load_params
 from pipeline_lib.text.data.corpus import read_text_meta
-from pipeline_lib.text.models.saved import OBJECTIVES
+from pipeline_lib.text.models.objectives import OBJECTIVES
 from pipeline_lib.text.pretrain import LMPaths, check_inputs, fingerprint, logged_params, run_text_pretrain
 
 

@@ -15,8 +15,8 @@ from pipeline_lib.core.runner import Stage, model_version_tags, run_stage, stage
 from pipeline_lib.params import load_params
 from pipeline_lib.text.data.task_data import task_digest
 from pipeline_lib.text.finetune import weights_digest
-from pipeline_lib.text.models.saved import OBJECTIVES
-from pipeline_lib.text.rl import RLPaths, check_inputs, fingerprint, logged_params, run_text_rl
+from pipeline_lib.text.models.objectives import OBJECTIVES
+from pipeline_lib.text.rl import TextRLPaths, check_inputs, fingerprint, logged_params, run_text_rl
 
 
 def main() -> None:
@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--objective", choices=OBJECTIVES, required=True)
     args = parser.parse_args()
     objective = args.objective
-    paths = RLPaths(args.task, args.sft, args.out, args.metrics, args.plots, args.checkpoints)
+    paths = TextRLPaths(args.task, args.sft, args.out, args.metrics, args.plots, args.checkpoints)
     run_stage(Stage(
         f"text_rl_{objective}", load_params, device=True, logged=lambda params: logged_params(params, objective),
         check=lambda params: check_inputs(params, paths, objective),  # params the task decides

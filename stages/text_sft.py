@@ -15,7 +15,7 @@ from pipeline_lib.core.runner import Stage, model_version_tags, run_stage, stage
 from pipeline_lib.params import load_params
 from pipeline_lib.text.data.task_data import task_digest
 from pipeline_lib.text.finetune import SFTPaths, check_inputs, fingerprint, logged_params, run_text_sft, weights_digest
-from pipeline_lib.text.models.saved import OBJECTIVES
+from pipeline_lib.text.models.objectives import OBJECTIVES
 
 
 def main() -> None:

@@ -7,13 +7,11 @@ Generated splits never share a prompt; JSONL files are validated line by line an
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from pipeline_lib.core.config import flatten
 from pipeline_lib.core.runner import Stage, run_stage, stage_parser
-from pipeline_lib.core.tracking import Tracker, write_run_record
-from pipeline_lib.params import Params, load_params
-from pipeline_lib.text.data.task_data import META_FILE, check_inputs, prepare_task
+from pipeline_lib.params import load_params
+from pipeline_lib.text.data.task_data import check_inputs, run_text_task
 
 
 def main() -> None:
@@ -23,21 +21,12 @@ def main() -> None:
     run_stage(Stage(
         "text_task", load_params, check=check_inputs,  # the task's size and files
         logged=lambda params: {"seed": params.seed, **flatten(params.text_task, "text_task.")},
-        run=lambda params, tracker, _: task(params, tracker, args.out),
+        run=lambda params, tracker, _: run_text_task(params, tracker, args.out),
         report=lambda meta: f"{meta['kind']} ({meta['checker']} checker) -> {args.out}: "
                             + ", ".join(f"{split} {n}" for split, n in meta["sizes"].items()),
     ), args.params)
 
 
-def task(params: Params, tracker: Tracker, out: Path) -> dict[str, Any]:
-    """Write the task's splits into `out`, log their sizes and digests, and point `run.json` at the run."""
-    meta = prepare_task(params, out)
-    tracker.log_metrics({f"{split}.examples": n for split, n in meta["sizes"].items()})
-    tracker.set_tags({"task.kind": meta["kind"], "task.checker": meta["checker"],
-                      **{f"input.{name}.sha256": digest for name, digest in meta["sha256"].items()}})
-    tracker.log_artifact(out / META_FILE)
-    write_run_record(out / "run.json", tracker)
-    return meta
 
 
 if __name__ == "__main__":

@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class DataError(Exception):
     """A data source could not be fetched or read; the message names the URL or file and what is wrong."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""

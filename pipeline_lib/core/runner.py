@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pipeline_lib.core.config import CoreParams
-from pipeline_lib.core.errors import ConfigError, DataError
+from pipeline_lib.core.errors import ConfigError, DataError, NonFiniteLossError
 from pipeline_lib.core.tracking import Tracker, TrackingUnavailable, read_run_record, stage_run, upstream_runs
 
 if TYPE_CHECKING:
@@ -36,17 +36,10 @@ if TYPE_CHECKING:
 
 P = TypeVar("P", bound=CoreParams)
 
-# Bad input, reported in one line: params (ConfigError), data (DataError), the tracking server, a missing input
-# file, a value the inputs refuse. `trainer.NonFiniteLossError` (a diverged loss) counts too: see `stage_errors`.
-ONE_LINE_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, TrackingUnavailable, FileNotFoundError,
-                                                ValueError)
-
-
-def stage_errors() -> tuple[type[Exception], ...]:
-    """`ONE_LINE_ERRORS`, plus `NonFiniteLossError` once the trainer is loaded (only a stage that trains can raise
-    it; the data stages never load the trainer, and with it torch)."""
-    trainer = sys.modules.get("pipeline_lib.core.trainer")
-    return ONE_LINE_ERRORS if trainer is None else (*ONE_LINE_ERRORS, trainer.NonFiniteLossError)
+# Bad input, reported in one line: params (ConfigError), data (DataError), a diverged loss (NonFiniteLossError), the
+# tracking server, a missing input file, a value the inputs refuse.
+ONE_LINE_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, NonFiniteLossError, TrackingUnavailable,
+                                                FileNotFoundError, ValueError)
 
 
 @contextmanager
@@ -54,7 +47,7 @@ def one_line_errors(stage: str) -> Iterator[None]:
     """Turn bad input raised in the body into the one-line error `<stage>: <message>` and exit status 1."""
     try:
         yield
-    except stage_errors() as err:
+    except ONE_LINE_ERRORS as err:
         sys.exit(f"{stage}: {err}")
 
 
@@ -113,7 +106,7 @@ def run_stage(stage: Stage[P], params_file: Path) -> Any:
     """Run `stage` with the params in `params_file` (see the module docstring); returns the entry's summary.
 
     Raises:
-        SystemExit: `<stage name>: <message>` on bad input (`stage_errors`), before any MLflow run when the
+        SystemExit: `<stage name>: <message>` on bad input (`ONE_LINE_ERRORS`), before any MLflow run when the
             params or `stage.check` refuse it.
     """
     main = True
@@ -144,7 +137,7 @@ def _tracking(stage: Stage[P], params: P) -> Any:
 
 def previous_run_id(checkpoints: Path, fingerprint: str) -> str | None:
     """The MLflow run id stored in the checkpoint in `checkpoints`, if one matches `fingerprint`."""
-    from pipeline_lib.core.trainer import CHECKPOINT_NAME, read_checkpoint
+    from pipeline_lib.core.checkpoints import CHECKPOINT_NAME, read_checkpoint
 
     previous = read_checkpoint(Path(checkpoints) / CHECKPOINT_NAME, fingerprint)
     return previous.get("run_id") if previous else None

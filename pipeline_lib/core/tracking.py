@@ -386,6 +386,13 @@ def read_run_record(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def upstream_model(folder: Path | None, sha256: str) -> dict[str, Any]:
+    """The lineage a model records of the model it started from: the weights' sha256 and, from the upstream
+    folder's `run.json`, the run, registered name and version that made them (None where unknown or fresh)."""
+    record = read_run_record(folder) if folder is not None else {}
+    return {"sha256": sha256, **{key: record.get(key) for key in ("run_id", "model_name", "model_version")}}
+
+
 def upstream_runs(folders: Mapping[str, Path | None]) -> dict[str, str]:
     """Stage -> run id of the run that wrote each folder, from its `run.json` ("unknown" when it has none); the
     lineage `stage_run` tags as `upstream.<stage>.run_id`. A None folder (an optional input left out) is skipped."""

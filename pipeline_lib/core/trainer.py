@@ -24,7 +24,6 @@ step it moves the routing biases by the step's all-reduced load.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import random
@@ -44,17 +43,14 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from pipeline_lib.core import dist
+from pipeline_lib.core.checkpoints import CHECKPOINT_NAME, read_checkpoint
 from pipeline_lib.core.config import TrainParams
-from pipeline_lib.core.errors import ConfigError
+from pipeline_lib.core.errors import ConfigError, NonFiniteLossError
 from pipeline_lib.core.tracking import Tracker
-
-CHECKPOINT_NAME = "last.pt"
 
 C = TypeVar("C", bound=TrainParams)
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
 @dataclass
@@ -420,29 +416,8 @@ class Trainer(Generic[C]):
         return int(state["step"])
 
 
-def code_digest() -> str:
-    """sha256 of the library's source, so a checkpoint made by other code is never resumed."""
-    digest = hashlib.sha256()
-    package = Path(__file__).resolve().parents[1]
-    for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
-def read_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The checkpoint at `path` if it belongs to a run with this fingerprint, else None (start fresh)."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    # Memory-mapped: peeking at the fingerprint or run id does not read the tensors; load_state_dict copies
-    # them onto the parameters' device.
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if state.get("fingerprint") != fingerprint:
-        if dist.is_main():
-            print(f"{path}: made with other params or data; starting from scratch")
-        return None
-    return state
 
 
 def _numpy_state() -> list[Any]:

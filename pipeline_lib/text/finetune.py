@@ -31,11 +31,12 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from pipeline_lib.core import dist
+from pipeline_lib.core.checkpoints import code_digest
 from pipeline_lib.core.config import flatten, params_hash
 from pipeline_lib.core.outputs import staged_dir
 from pipeline_lib.core.registry import ALIASES, ModelKind, model_uri
-from pipeline_lib.core.tracking import Tracker, read_run_record, write_json_atomic, write_run_record
-from pipeline_lib.core.trainer import Batch, Trainer, check_batch_size, code_digest
+from pipeline_lib.core.tracking import Tracker, upstream_model, write_json_atomic, write_run_record
+from pipeline_lib.core.trainer import Batch, Trainer, check_batch_size
 from pipeline_lib.text.config import TextParams
 from pipeline_lib.text.data.task_data import copy_task_meta, read_task, task_digest
 from pipeline_lib.text.data.tokenizer import SpecialTokens, load_tokenizer
@@ -229,9 +230,7 @@ def write_outputs(params: TextParams, paths: SFTPaths, objective: str, trainer: 
     from pipeline_lib.core.outputs import write_csv
 
     model = exported(trainer.model)
-    upstream = read_run_record(paths.pretrained) if paths.pretrained else {}
-    pretrained = {"sha256": weights_digest(paths.pretrained), "run_id": upstream.get("run_id"),
-                  "model_name": upstream.get("model_name"), "model_version": upstream.get("model_version")}
+    pretrained = upstream_model(paths.pretrained, weights_digest(paths.pretrained))
     with staged_dir(paths.plots) as plots:
         write_csv(plots / "loss.csv", trainer.history, ["step", "loss", "lr"])
     with staged_dir(paths.out) as out:

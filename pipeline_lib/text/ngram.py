@@ -23,13 +23,19 @@ Example:
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+from pipeline_lib.core.tracking import Tracker, write_json_atomic
+from pipeline_lib.text.config import TextParams
+from pipeline_lib.text.data.corpus import read_text_meta, read_tokens
 
 Method = Literal["add_k", "kneser_ney"]
 
@@ -344,3 +350,24 @@ def bits_per_character(total_nats: float, num_chars: int) -> float:
     if not num_chars > 0:
         raise ValueError(f"num_chars={num_chars}: must be > 0")
     return total_nats / math.log(2) / num_chars
+
+
+def run_text_ngram(params: TextParams, tracker: Tracker, data: Path, metrics: Path) -> dict[str, Any]:
+    """The text_ngram stage: fit the n-gram on the training tokens, score it on validation, log and write the
+    metrics."""
+    cfg, meta = params.text_ngram, read_text_meta(data)
+    started = time.perf_counter()
+    model = NGramLM(cfg.order, meta["vocab_size"], cfg.method, k=cfg.k, discount=cfg.discount)
+    model.fit(read_tokens(data, "train"))
+    fitted = time.perf_counter()
+    nats = -model.log_prob_sequence(read_tokens(data, "val"))
+    summary = {
+        "bpc": bits_per_character(nats, meta["num_chars"]["val"]),
+        "bits_per_token": bits_per_character(nats, meta["num_tokens"]["val"]),  # the same ratio per token
+        "distinct_ngrams": sum(model.distinct_ngrams),
+        "fit_seconds": round(fitted - started, 3),
+        "score_seconds": round(time.perf_counter() - fitted, 3),
+    }
+    tracker.log_metrics(summary)
+    write_json_atomic(metrics, summary)
+    return {**summary, "order": cfg.order, "method": cfg.method}

@@ -27,12 +27,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from pipeline_lib.core import dist
+from pipeline_lib.core.checkpoints import code_digest
 from pipeline_lib.core.config import flatten, params_hash
 from pipeline_lib.core.errors import ConfigError
 from pipeline_lib.core.outputs import staged_dir
 from pipeline_lib.core.registry import ALIASES, ModelKind
 from pipeline_lib.core.tracking import Tracker, write_json_atomic, write_run_record
-from pipeline_lib.core.trainer import Batch, Trainer, check_batch_size, code_digest
+from pipeline_lib.core.trainer import Batch, Trainer, check_batch_size
 from pipeline_lib.text.config import LMTrainParams, TextParams, TextPretrainParams
 from pipeline_lib.text.data.corpus import read_text_meta, read_tokens
 from pipeline_lib.text.data.tokenizer import load_tokenizer

@@ -42,12 +42,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline_lib.core import dist
+from pipeline_lib.core.checkpoints import code_digest
 from pipeline_lib.core.config import flatten, params_hash
 from pipeline_lib.core.grpo import GRPOTrainer, LogProbs, Policy, Rollout, unwrap
 from pipeline_lib.core.outputs import staged_dir
 from pipeline_lib.core.registry import model_uri
-from pipeline_lib.core.tracking import Tracker, read_run_record, write_json_atomic, write_run_record
-from pipeline_lib.core.trainer import Batch, check_batch_size, code_digest, step_seed
+from pipeline_lib.core.tracking import Tracker, upstream_model, write_json_atomic, write_run_record
+from pipeline_lib.core.trainer import Batch, check_batch_size, step_seed
 from pipeline_lib.text.config import TextParams, TextRLParams
 from pipeline_lib.text.data.checkers import Checker
 from pipeline_lib.text.data.task_data import copy_task_meta, read_task, task_digest
@@ -242,7 +243,7 @@ def grpo_trainer(model: TransformerLM, cfg: TextRLParams, prompt_ids: np.ndarray
 
 
 @dataclass(frozen=True)
-class RLPaths:
+class TextRLPaths:
     """Where the text rl stage reads and writes."""
 
     task: Path
@@ -258,7 +259,7 @@ def logged_params(params: TextParams, objective: str) -> dict[str, Any]:
     return {"seed": params.seed, "text_rl.objective": objective, **flatten(params.text_rl, "text_rl.")}
 
 
-def fingerprint(params: TextParams, paths: RLPaths, objective: str) -> str:
+def fingerprint(params: TextParams, paths: TextRLPaths, objective: str) -> str:
     """Identifies a resumable run: params, task data, the SFT weights and the library code."""
     return params_hash({**logged_params(params, objective), "task": task_digest(paths.task),
                         "sft": weights_digest(paths.sft), "code": code_digest()})
@@ -302,7 +303,7 @@ def check_task_model(config: dict[str, Any], folder: Path, objective: str) -> No
                          "objective); give the out of text_sft")
 
 
-def check_inputs(params: TextParams, paths: RLPaths, objective: str) -> None:
+def check_inputs(params: TextParams, paths: TextRLPaths, objective: str) -> None:
     """The params that only the task data decides, checked by the stage before its MLflow run from the task
     files and the SFT model's config.json: `text_rl.batch_size` against the rl prompts (and the processes).
 
@@ -313,7 +314,7 @@ def check_inputs(params: TextParams, paths: RLPaths, objective: str) -> None:
     check_batch_size(params.text_rl, len(read_task(paths.task).splits["rl"]), "rl prompts")
 
 
-def run_text_rl(params: TextParams, paths: RLPaths, objective: str, tracker: Tracker,
+def run_text_rl(params: TextParams, paths: TextRLPaths, objective: str, tracker: Tracker,
                 device: torch.device) -> dict[str, Any]:
     """Post-train the SFT model with GRPO on the rl split (resuming a matching checkpoint); rank 0 writes the
     model, the curves and the metrics, and registers the model."""
@@ -348,15 +349,13 @@ def run_text_rl(params: TextParams, paths: RLPaths, objective: str, tracker: Tra
     return summary
 
 
-def write_outputs(params: TextParams, paths: RLPaths, objective: str, trainer: GRPOTrainer[TextRLParams],
+def write_outputs(params: TextParams, paths: TextRLPaths, objective: str, trainer: GRPOTrainer[TextRLParams],
                   tokenizer: SpecialTokens, config: dict[str, Any], summary: dict[str, Any], tracker: Tracker) -> None:
     """Model folder, curves and metrics, staged and renamed into place; the model is registered with lineage to
     the SFT version (and through it the pretrained one)."""
     from pipeline_lib.core.outputs import write_csv
 
-    upstream = read_run_record(paths.sft)
-    sft = {"sha256": weights_digest(paths.sft), "run_id": upstream.get("run_id"),
-           "model_name": upstream.get("model_name"), "model_version": upstream.get("model_version")}
+    sft = upstream_model(paths.sft, weights_digest(paths.sft))
     columns = ["step", "loss", "reward", "reward_std", "frac_reward_zero_std", "accuracy", "kl", "entropy",
                "clip_ratio", "completion_length"]
     with staged_dir(paths.plots) as plots:

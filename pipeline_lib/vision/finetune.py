@@ -28,11 +28,12 @@ from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 
 from pipeline_lib.core import dist
+from pipeline_lib.core.checkpoints import code_digest
 from pipeline_lib.core.config import flatten, params_hash
 from pipeline_lib.core.errors import ConfigError, DataError
 from pipeline_lib.core.outputs import staged_dir
-from pipeline_lib.core.tracking import Tracker, read_run_record, write_json_atomic, write_run_record
-from pipeline_lib.core.trainer import Batch, Trainer, check_batch_size, code_digest, step_seed
+from pipeline_lib.core.tracking import Tracker, upstream_model, write_json_atomic, write_run_record
+from pipeline_lib.core.trainer import Batch, Trainer, check_batch_size, step_seed
 from pipeline_lib.vision.config import FinetuneParams, ModelParams, VisionParams
 from pipeline_lib.vision.data.augment import AugmentConfig
 from pipeline_lib.vision.data.store import image_origin, prepared_digest, read_meta, read_split
@@ -249,15 +250,14 @@ def write_outputs(params: VisionParams, paths: FinetunePaths, trainer: Trainer, 
     from pipeline_lib.core.registry import model_uri, register_model
     from pipeline_lib.vision.serving import CLASSIFIER, ClassifierModel, classifier_description
 
-    upstream = read_run_record(paths.encoder) if paths.encoder is not None else {}
+    encoder = upstream_model(paths.encoder, encoder_digest(paths.encoder))
     with staged_dir(paths.plots) as plots:
         write_csv(plots / "loss.csv", trainer.history, ["step", "loss", "train_accuracy", "lr"])
     with staged_dir(paths.out) as out:
         save_network(trainer.model, trainer.preprocess, params.model, out, in_chans=trainer.inputs.shape[-1],
                      weights=CLASSIFIER_FILE, class_names=class_names, mode=params.finetune.mode,
                      init="pretrained" if paths.encoder is not None else "scratch",
-                     encoder={"sha256": encoder_digest(paths.encoder), "run_id": upstream.get("run_id"),
-                              "model_name": upstream.get("model_name"), "model_version": upstream.get("model_version")},
+                     encoder=encoder,
                      data_digest=prepared_digest(paths.data))
     per_step = set(trainer.history[-1]) if trainer.history else set()
     tracker.log_metrics({k: float(v) for k, v in summary.items() if k not in per_step}, step=trainer.total_steps)
@@ -272,7 +272,7 @@ def write_outputs(params: VisionParams, paths: FinetunePaths, trainer: Trainer, 
             description=classifier_description(name),
             headline=f"train accuracy {summary['train_accuracy']:.4f} after {summary['steps']} steps (finetune "
                      "stage); the evaluate stage replaces this line with the test figures",
-            started_from=model_uri(upstream.get("model_name"), upstream.get("model_version")),
+            started_from=model_uri(encoder["model_name"], encoder["model_version"]),
         )
     record = {"model_name": params.tracking.classifier_model, "model_version": version} if register else {}
     write_run_record(paths.out / "run.json", tracker, **record)

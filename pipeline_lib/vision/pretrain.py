@@ -18,11 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from pipeline_lib.core import dist
+from pipeline_lib.core.checkpoints import code_digest
 from pipeline_lib.core.config import flatten, params_hash
 from pipeline_lib.core.errors import ConfigError, DataError
 from pipeline_lib.core.outputs import staged_dir
 from pipeline_lib.core.tracking import Tracker
-from pipeline_lib.core.trainer import Batch, FitResult, Trainer, check_batch_size, code_digest
+from pipeline_lib.core.trainer import Batch, FitResult, Trainer, check_batch_size
 from pipeline_lib.vision.config import ModelParams, PretrainParams, VisionParams
 from pipeline_lib.vision.data.augment import AugmentConfig
 from pipeline_lib.vision.data.store import image_origin, prepared_digest, read_meta, read_split

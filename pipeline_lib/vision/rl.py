@@ -25,12 +25,13 @@ from scipy.stats import entropy
 from torch import Tensor, nn
 
 from pipeline_lib.core import dist
+from pipeline_lib.core.checkpoints import code_digest
 from pipeline_lib.core.config import flatten, params_hash
 from pipeline_lib.core.errors import ConfigError, DataError
 from pipeline_lib.core.grpo import GRPOTrainer, expected_reward_loss
 from pipeline_lib.core.outputs import staged_dir
-from pipeline_lib.core.tracking import Tracker, read_run_record, write_json_atomic, write_run_record
-from pipeline_lib.core.trainer import Batch, Trainer, check_batch_size, code_digest
+from pipeline_lib.core.tracking import Tracker, upstream_model, write_json_atomic, write_run_record
+from pipeline_lib.core.trainer import Batch, Trainer, check_batch_size
 from pipeline_lib.vision.config import RewardParams, RLParams, VisionParams
 from pipeline_lib.vision.data.store import Split, prepared_digest, read_meta, read_split
 from pipeline_lib.vision.decisions import decision_report, risk_coverage
@@ -61,6 +62,11 @@ class RLPaths:
     metrics: Path
     plots: Path
     checkpoints: Path
+
+    def checkpoints_of(self, trainer: str) -> Path:
+        """Each trainer of the stage (`TRAINERS`: GRPO and its two baselines) checkpoints in a folder of its own;
+        GRPO's holds the run id the stage's MLflow run resumes."""
+        return self.checkpoints / trainer
 
 
 def reward_table(reward: RewardParams, num_classes: int) -> np.ndarray:
@@ -267,7 +273,8 @@ def run_rl(params: VisionParams, paths: RLPaths, tracker: Tracker, device: torch
         tracked = tracker if name == "grpo" else Tracker()  # only GRPO's curves go to the stage's run
         trainer = make(policy, cfg, images, preprocess, reference=copy.deepcopy(reference),
                        table=torch.as_tensor(table), labels=labels, device=device, seed=params.seed,
-                       checkpoint_dir=paths.checkpoints / name, tracker=tracked, fingerprint=fingerprint(params, paths))
+                       checkpoint_dir=paths.checkpoints_of(name), tracker=tracked,
+                       fingerprint=fingerprint(params, paths))
         if dist.is_main() and name == "grpo":
             print(f"rl: GRPO on {len(rl)} rl images, reward {cfg.reward.type}, G={cfg.group_size}, "
                   f"{trainer.total_steps} steps, lr {trainer.lr:.2e}, {dist.world_size()} process(es) on {device}")
@@ -341,14 +348,12 @@ def write_outputs(params: VisionParams, paths: RLPaths, model: nn.Module, prepro
     from pipeline_lib.core.registry import model_uri, register_model
     from pipeline_lib.vision.serving import CLASSIFIER, ClassifierModel, classifier_description
 
-    upstream = read_run_record(paths.classifier)
+    finetuned = upstream_model(paths.classifier, encoder_digest(paths.classifier))
     source = json.loads((paths.classifier / "config.json").read_text())
     with staged_dir(paths.out) as out:  # the finetuned classifier's own (resolved) architecture
         save_network(model, preprocess, saved_model_params(source), out, in_chans=int(source["model"]["in_chans"]),
                      weights=CLASSIFIER_FILE, class_names=class_names, reward=params.rl.reward.type,
-                     finetuned={"sha256": encoder_digest(paths.classifier), "run_id": upstream.get("run_id"),
-                                "model_name": upstream.get("model_name"),
-                                "model_version": upstream.get("model_version")},
+                     finetuned=finetuned,
                      data_digest=prepared_digest(paths.data))
     with staged_dir(paths.plots) as plots:
         write_csv(plots / "risk_coverage.csv", rows, ["model", "coverage", "risk"])
@@ -369,7 +374,7 @@ def write_outputs(params: VisionParams, paths: RLPaths, model: nn.Module, prepro
         version = register_model(ClassifierModel(), paths.out, name=name, kind=CLASSIFIER, artifact_name="classifier",
                                  input_example=example, tags=tracker.lineage, description=classifier_description(name),
                                  headline=headline,
-                                 started_from=model_uri(upstream.get("model_name"), upstream.get("model_version")))
+                                 started_from=model_uri(finetuned["model_name"], finetuned["model_version"]))
     write_run_record(paths.out / "run.json", tracker, model_name=params.tracking.classifier_model,
                      model_version=version)
     write_json_atomic(paths.metrics, summary)

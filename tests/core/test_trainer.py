@@ -11,9 +11,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from pipeline_lib.core.checkpoints import read_checkpoint
 from pipeline_lib.core.config import TrainParams
+from pipeline_lib.core.errors import NonFiniteLossError
 from pipeline_lib.core.tracking import Tracker
-from pipeline_lib.core.trainer import Batch, NonFiniteLossError, Trainer, lr_factor, read_checkpoint
+from pipeline_lib.core.trainer import Batch, Trainer, lr_factor
 
 SAMPLES = np.random.default_rng(0).integers(0, 256, size=(64, 4, 4, 1), dtype=np.uint8)
 

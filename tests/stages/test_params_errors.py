@@ -217,4 +217,4 @@ def test_text_stages_check_their_inputs(text_project: Path) -> None:
         evaluate.check_inputs(params_from_dict({}), data, {"mdm": model})
     with pytest.raises(ConfigError, match=r"^text_rl\.batch_size=32: is larger than the 16 rl prompts"):
         grpo.check_inputs(params_from_dict({"text_rl": {"batch_size": 32}}),
-                          grpo.RLPaths(task, model, *(text_project / n for n in "ompc")), "mdm")
+                          grpo.TextRLPaths(task, model, *(text_project / n for n in "ompc")), "mdm")

@@ -31,7 +31,8 @@ import numpy as np
 from pipeline_lib.core.download import ACCEPTED_SCHEMES, download, sha256_file
 from pipeline_lib.core.errors import ConfigError, DataError
 from pipeline_lib.core.outputs import staged_dir
-from pipeline_lib.text.config import TextDataParams
+from pipeline_lib.core.tracking import Tracker, write_run_record
+from pipeline_lib.text.config import TextDataParams, TextParams
 from pipeline_lib.text.data.tokenizer import MIN_BPE_VOCAB_SIZE, TOKENIZERS, Tokenizer, count_chars, fit_tokenizer
 
 SPLITS = ("train", "val")
@@ -307,3 +308,19 @@ def read_tokens(out_dir: Path, split: str) -> np.memmap:
     if len(ids) != meta["num_tokens"][split]:
         raise DataError(f"{file}: {len(ids)} tokens, meta.json says {meta['num_tokens'][split]}")
     return ids
+
+
+def run_text_fetch(params: TextParams, tracker: Tracker, out: Path, cache_dir: Path) -> dict[str, Any]:
+    """The text_fetch stage: prepare the text into `out`, log its sizes and files to the run, and point `run.json`
+    at the run."""
+    cfg = params.text_data
+    meta = prepare_text(cfg.source, url=cfg.url, sha256=cfg.sha256, path=cfg.path, val_fraction=cfg.val_fraction,
+                        tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, out_dir=out, cache_dir=cache_dir)
+    tracker.log_metrics({"vocab_size": meta["vocab_size"],
+                         **{f"{split}.num_tokens": n for split, n in meta["num_tokens"].items()},
+                         **{f"{split}.num_chars": n for split, n in meta["num_chars"].items()}})
+    tracker.set_tags({"input.source.sha256": meta["source_sha256"], "data.origin": meta["origin"]})
+    tracker.log_artifact(out / "meta.json")
+    tracker.log_artifact(out / "tokenizer.json")
+    write_run_record(out / "run.json", tracker)
+    return meta

@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeline_lib.core.errors import ConfigError
 from pipeline_lib.core.outputs import staged_dir
+from pipeline_lib.core.tracking import Tracker, write_run_record
 from pipeline_lib.text.config import TextParams, TextTaskParams
 from pipeline_lib.text.data.checkers import CHECKERS, DEFAULT_CHECKER, Checker
 from pipeline_lib.text.data.tasks import TASKS, Example, load_jsonl, make_splits, prompts_available, write_jsonl
@@ -140,3 +141,15 @@ def task_digest(folder: Path) -> str:
 def copy_task_meta(folder: Path, out: Path) -> None:
     """Copy the task's meta into a model folder, so the model says what it was trained on."""
     shutil.copy(Path(folder) / META_FILE, Path(out) / "task.json")
+
+
+def run_text_task(params: TextParams, tracker: Tracker, out: Path) -> dict[str, Any]:
+    """The text_task stage: write the task's splits into `out`, log their sizes and digests, and point `run.json`
+    at the run."""
+    meta = prepare_task(params, out)
+    tracker.log_metrics({f"{split}.examples": n for split, n in meta["sizes"].items()})
+    tracker.set_tags({"task.kind": meta["kind"], "task.checker": meta["checker"],
+                      **{f"input.{name}.sha256": digest for name, digest in meta["sha256"].items()}})
+    tracker.log_artifact(out / META_FILE)
+    write_run_record(out / "run.json", tracker)
+    return meta

@@ -13,7 +13,7 @@ from torch import nn
 from pipeline_lib.text.config import TextMoEParams
 from pipeline_lib.text.data.tokenizer import Tokenizer, load_tokenizer
 from pipeline_lib.text.models.mtp import MultiTokenPrediction
-from pipeline_lib.text.models.objectives import OBJECTIVES as OBJECTIVES  # the objectives' names, for the stages
+from pipeline_lib.text.models.objectives import OBJECTIVES as OBJECTIVES
 from pipeline_lib.text.models.objectives import resolve_objective
 from pipeline_lib.text.models.transformer import TransformerLM
 

@@ -20,9 +20,11 @@ from typing import Any
 import numpy as np
 
 from pipeline_lib.core.errors import DataError
-from pipeline_lib.vision.config import DataParams
+from pipeline_lib.core.tracking import Tracker, write_run_record
+from pipeline_lib.vision.config import DataParams, VisionParams
 from pipeline_lib.vision.data.sources import RawDataset, load_source, local_folder
 from pipeline_lib.vision.data.store import write_split
+from pipeline_lib.vision.data.summary import log_prepared
 
 
 def allocate(counts: np.ndarray, total: int) -> np.ndarray:
@@ -169,3 +171,12 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
     staging.rename(out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def run_fetch(params: VisionParams, tracker: Tracker, out: Path, cache_dir: Path) -> dict[str, Any]:
+    """The fetch stage: prepare the splits into `out`, log them to the run, and point `run.json` at the run."""
+    metas = prepare_dataset(params.data, params.seed, out, cache_dir)
+    log_prepared(tracker, out, metas)
+    write_run_record(out / "run.json", tracker)
+    sizes = ", ".join(f"{name} {meta['num_images']}" for name, meta in metas.items())
+    return {"source": params.data.source, "sizes": sizes, "run_id": tracker.run_id}
