@@ -26,7 +26,8 @@ from pipeline_lib.core.tracking import Tracker
 from pipeline_lib.params import load_params
 from pipeline_lib.text.data.corpus import prepare_text, read_text_meta, read_tokens
 from pipeline_lib.text.evaluate import BPC_KEY, score
-from pipeline_lib.text.models.saved import OBJECTIVES, load_lm
+from pipeline_lib.text.models.objectives import OBJECTIVES
+from pipeline_lib.text.models.saved import load_lm
 from pipeline_lib.text.ngram import NGramLM, bits_per_character
 from pipeline_lib.text.pretrain import LMPaths, run_text_pretrain
 
