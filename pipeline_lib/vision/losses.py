@@ -10,6 +10,7 @@ gradient.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -37,11 +38,27 @@ def _full_precision(x: Tensor) -> torch.autocast:
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient for this rank's rows (an all-reduce, then this
+    rank's slice), as SimCLR's reference implementation does. `torch.distributed.nn.functional.all_gather` is
+    deprecated, and with gloo its processes can abort at exit."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.rows = len(x)
+        return _gather_no_grad(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        torch_dist.all_reduce(grad)
+        start = dist.rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
 def _gather_with_grad(x: Tensor) -> Tensor:
     """(B, D) per rank -> (W*B, D), rank-major; gradients flow back to every rank's rows."""
-    import torch.distributed.nn.functional as dist_nn
-
-    return torch.cat(dist_nn.all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 @torch.no_grad()
