@@ -1,4 +1,7 @@
-"""The pipeline as a user runs it: `dvc repro` and `dvc exp run` in a temporary git repo copy of the project."""
+"""The pipeline as a user runs it: `dvc repro` and `dvc exp run` in a temporary git repo copy of the project.
+
+The toy project is reproduced once (`toy_project`, shared with every test that reads it); the tests that run
+more commands in it work on copies of their own (`toy_clone`)."""
 
 from __future__ import annotations
 
@@ -6,9 +9,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import mlflow.pyfunc
@@ -19,46 +21,36 @@ import yaml
 from pipeline_lib.text.serving import LanguageModel, SamplerSettings
 
 
+@pytest.fixture(autouse=True)
+def default_tracking_uri() -> Iterator[None]:
+    """The checks point MLflow at a project's store, which also sets MLFLOW_TRACKING_URI for the commands started
+    after them: each test ends with neither, so that no later command logs into another copy's store."""
+    yield
+    mlflow.set_tracking_uri(None)
+
+
 def _run(repo: Path, *command: str) -> str:
-    done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
+    """Run a command in `repo`, as a user does: the stages log to the project's own store (mlflow.db there)."""
+    env = {name: value for name, value in os.environ.items() if name != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout + done.stderr
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory, make_project: Callable[..., Path]) -> Path:
-    """A git repo holding a copy of the project with tiny params, committed."""
-    return make_project(tmp_path_factory.mktemp("project"), _tiny)
-
-
-def _tiny(params: dict[str, Any]) -> None:
-    params["data"]["max_images"] = 200
-    params["model"].update(embed_dim=32, depth=1, num_heads=2)
-    params["pretrain"].update(epochs=2, batch_size=32, warmup_epochs=1.0, decoder_embed_dim=32, decoder_depth=1,
-                              decoder_num_heads=2, checkpoint_every=4, log_every=2, knn_k=5)
-    params["finetune"].update(epochs=2, batch_size=8, warmup_epochs=1.0, log_every=1)
-    params["evaluate"].update(knn_k=5)
-    params["rl"].update(epochs=1, batch_size=8, group_size=4, log_every=1)
 
 
 def _labeled_count(repo: Path) -> int:
     return json.loads((repo / "data/prepared/labeled/meta.json").read_text())["num_images"]
 
 
-def test_repro_then_noop_then_experiment(repo: Path) -> None:
-    _run(repo, "dvc", "repro")
+def _fetch_run(repo: Path) -> str:
+    return json.loads((repo / "data/prepared/run.json").read_text())["run_id"]
+
+
+def test_repro_fills_the_default_store_and_every_metric(toy_project: Path) -> None:
+    repo = toy_project
     for split in ("unlabeled", "labeled", "rl", "test"):
         assert (repo / "data/prepared" / split / "meta.json").is_file()
     assert (repo / "mlflow.db").is_file() and (repo / "mlartifacts").is_dir()  # default store at DVC_ROOT
-    first_run = json.loads((repo / "data/prepared/run.json").read_text())["run_id"]
     assert _labeled_count(repo) == 16  # 10% of the 160 training images left after the 20% test split
-    _check_pretrain_outputs(repo, fetch_run=first_run)
-    _check_finetune_and_evaluate(repo)
-    _check_rl(repo)
-    _check_text(repo)
-    _check_text_tasks(repo)
-    _check_registry(repo)
-    _check_task_gate(repo)
     _check_git_dirty(repo, expected="false")  # a dvc repro of a committed project is clean in every run
     shown = _run(repo, "dvc", "metrics", "show")
     for key in ("ssl.top1", "scratch.top1", "gain.top1", "encoder.knn_top1", "encoder.linear_probe_top1",
@@ -66,9 +58,40 @@ def test_repro_then_noop_then_experiment(repo: Path) -> None:
                 "rl_ar.accuracy", "scratch_mdm.pass_at_2", "gain.rl_mdm_over_sft"):
         assert key in shown, key
 
+
+def test_pretrain_outputs(toy_project: Path) -> None:
+    _check_pretrain_outputs(toy_project, fetch_run=_fetch_run(toy_project))
+
+
+def test_finetune_and_evaluate_outputs(toy_project: Path) -> None:
+    _check_finetune_and_evaluate(toy_project)
+
+
+def test_rl_outputs(toy_project: Path) -> None:
+    _check_rl(toy_project)
+
+
+def test_text_track_outputs(toy_project: Path) -> None:
+    _check_text(toy_project)
+
+
+def test_text_task_outputs(toy_project: Path) -> None:
+    _check_text_tasks(toy_project)
+
+
+def test_registry(toy_project: Path) -> None:
+    _check_registry(toy_project)
+
+
+def test_task_gate(toy_clone: Path) -> None:
+    _check_task_gate(toy_clone)
+
+
+def test_noop_then_forced_stages_stay_clean(toy_clone: Path) -> None:
+    repo, first_run = toy_clone, _fetch_run(toy_clone)
     second = _run(repo, "dvc", "repro")
     assert "didn't change" in second or "up to date" in second
-    assert json.loads((repo / "data/prepared/run.json").read_text())["run_id"] == first_run  # nothing reran
+    assert _fetch_run(repo) == first_run  # nothing reran
     assert "up to date" in _run(repo, "dvc", "status")
 
     _run(repo, "git", "add", "-A")
@@ -77,6 +100,12 @@ def test_repro_then_noop_then_experiment(repo: Path) -> None:
     # Rerun stages whose committed metrics DVC deletes and rewrites (their timings change): still clean.
     _run(repo, "dvc", "repro", "--force", "--single-item", "finetune_scratch", "evaluate")
     assert _check_git_dirty(repo, expected="false", exclude=before) == {"finetune_scratch", "evaluate"}
+
+
+def test_experiment_with_a_param_change(toy_clone: Path) -> None:
+    repo = toy_clone
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-q", "-m", "fetch")  # dvc.lock, metrics and plots committed, as on a clone
     before = _run_ids(repo)
     _run(repo, "dvc", "exp", "run", "-S", "data.label_fraction=0.2")
     assert "fetch" in _check_git_dirty(repo, expected="true", exclude=before)  # params.yaml differs
@@ -86,8 +115,8 @@ def test_repro_then_noop_then_experiment(repo: Path) -> None:
     diff = diffs["metrics/evaluate.json"]
     assert diff["labels.labeled_images"] == {"old": 16, "new": 32, "diff": 16}
     assert diff["labels.label_fraction"]["new"] == 0.2
-    for stage in ("finetune", "finetune_scratch"):  # both retrained: 2 epochs of 8 images a step, twice the labels
-        assert diffs[f"metrics/{stage}.json"]["steps"] == {"old": 4, "new": 8, "diff": 4}
+    for stage in ("finetune", "finetune_scratch"):  # both retrained: 20 epochs of 8 images a step, twice the labels
+        assert diffs[f"metrics/{stage}.json"]["steps"] == {"old": 40, "new": 80, "diff": 40}
 
     client = mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("ssl-pipeline").experiment_id],
@@ -163,9 +192,12 @@ def _check_task_gate(repo: Path) -> None:
     assert "unchanged" in _run(repo, sys.executable, "-m", "pipeline_lib.promote", "--model", "task_ar")
 
 
-def test_switch_source_with_exp_run(repo: Path, tmp_path: Path) -> None:
+def test_switch_source_with_exp_run(toy_clone: Path, tmp_path: Path) -> None:
     from PIL import Image
 
+    repo = toy_clone
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-q", "-m", "reproduced")
     for name, value in (("bright", 220), ("dark", 30)):
         (tmp_path / "pets" / name).mkdir(parents=True)
         for i in range(5):
@@ -236,14 +268,17 @@ def _check_pretrain_outputs(repo: Path, fetch_run: str) -> None:
                  "plots/pretrain/loss.csv", "plots/pretrain/examples.png"):
         assert (repo / name).is_file(), name
     metrics = json.loads((repo / "metrics/pretrain.json").read_text())
-    assert metrics["steps"] == 2 * (160 // 32) and 0 <= metrics["knn_top1"] <= 1
+    params = yaml.safe_load((repo / "params.yaml").read_text())["pretrain"]
+    assert metrics["steps"] == params["epochs"] * (160 // 32) == 40 and 0 <= metrics["knn_top1"] <= 1
     record = json.loads((repo / "models/pretrain/run.json").read_text())
     uri = f"sqlite:///{repo}/mlflow.db"
     client = mlflow.MlflowClient(uri)
     run = client.get_run(record["run_id"])
     assert run.info.run_name == "pretrain" and run.data.tags["upstream.fetch.run_id"] == fetch_run
     assert run.data.params["pretrain.method"] == "mae" and run.data.params["model.embed_dim"] == "32"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6, 8, 10]
+    # a mean over every log_every steps, and a checkpoint closes the window early: 2, 3, 4, 6, 8, 9, 10, ...
+    logged = [step for step in range(1, 41) if 0 in (step % params["log_every"], step % params["checkpoint_every"])]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == logged
     version = client.get_model_version_by_alias("ssl-pipeline-encoder", "challenger")
     assert int(version.version) == record["model_version"] and version.run_id == run.info.run_id
     assert version.tags["input.data.sha256"] == run.data.tags["input.data.sha256"]

@@ -1,11 +1,14 @@
 """The failure drill: kill -9 each training stage mid-run under `dvc repro`, run `dvc repro` again, and the
 pipeline completes with exactly the metrics, models and loss curves of an uninterrupted run.
 
-Two copies of one committed project with tiny params: `reference` runs `dvc repro` once; `drill` runs it
-again and again, each time SIGKILLing the whole process group (dvc and the stage) as soon as the next training
-stage has checkpointed part of its run: pretrain, finetune and finetune_scratch (in the order DVC picks), rl
-during GRPO and rl during a baseline. A last `dvc repro` finishes. Both copies run at the same time, one
-thread each, to keep the module near three minutes on two cores; every stage process pays ~11 s of imports.
+The drill is a committed copy of the toy project's vision track (`toy_params`: every trainer takes 40 steps and
+checkpoints every 3rd); the uninterrupted reference is the toy project, reproduced once for all the stage tests
+(`toy_project`). `dvc repro` runs in the drill again and again, each time SIGKILLed with its whole process group
+(dvc and the stage) once the next training stage has checkpointed step 15 and trained on to step 18: pretrain,
+finetune and finetune_scratch (in the order DVC picks), rl during GRPO and rl during a baseline. A last
+`dvc repro` finishes. The kill lands at that point every time, not wherever a watcher catches a fast stage: the
+stage runs with the test hook in `stop_at_checkpoint/`, which stops it (SIGSTOP) as it is about to replace
+checkpoint 15 with checkpoint 18, and the test, waiting for the hook's record, kills the group there.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import csv
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -31,11 +33,12 @@ import yaml
 TRAINING_STAGES = ("pretrain", "finetune", "finetune_scratch", "rl")
 OUTS = {"pretrain": "models/pretrain", "finetune": "models/finetune", "finetune_scratch": "models/finetune_scratch",
         "rl": "models/rl"}
-# Each round of the drill kills the first of its targets (stage, checkpoint) to checkpoint an odd step past a
-# quarter of its run: inside a logging window of 2 steps, and for rl between the two updates of a batch (GRPO
-# resumes with the batch's sampled actions from the checkpoint). finetune and finetune_scratch are independent,
-# so DVC may run either first: whichever it runs is killed, and the other in the next round. rl is killed twice:
-# in GRPO (which carries the stage's MLflow run), then in the expected-reward baseline, after GRPO finished.
+# Each round of the drill kills the first of its targets (stage, checkpoint) to reach the kill point: inside a
+# logging window of 2 steps (an odd step, where the checkpoint closed the window early), and for rl between the two
+# updates of a batch (GRPO resumes with the batch's sampled actions from the checkpoint). finetune and
+# finetune_scratch are independent, so DVC may run either first: whichever it runs is killed, and the other in the
+# next round. rl is killed twice: in GRPO (which carries the stage's MLflow run), then in the expected-reward
+# baseline, after GRPO finished.
 ROUNDS = [
     {"pretrain": "checkpoints/pretrain/last.pt"},
     {"finetune": "checkpoints/finetune/last.pt", "finetune_scratch": "checkpoints/finetune_scratch/last.pt"},
@@ -43,52 +46,32 @@ ROUNDS = [
     {"rl": "checkpoints/rl/grpo/last.pt"},
     {"rl": "checkpoints/rl/expected_reward/last.pt"},
 ]
-TOTAL_STEPS = 40  # of every trainer, with the params below
+TOTAL_STEPS = 40  # of every trainer, with `toy_params`
+KILLED_AT = 15  # the checkpoint a killed stage leaves (an odd step, past a quarter of the run); steps 16-18 are lost
+HOOK = Path(__file__).resolve().parent / "stop_at_checkpoint"
 # Keys that measure the machine, not the model: throughput and wall-clock seconds. `resumed_from_step` is
 # compared with where the kill landed instead.
 UNTIMED = re.compile(r"(^|\.)(images_per_second|samples_per_second|tokens_per_second|train_seconds)(\.|$)")
 
 
+def _env(**extra: str) -> dict[str, str]:
+    """The commands' environment: stages log to the project's own store (mlflow.db beside dvc.yaml)."""
+    return {**{name: value for name, value in os.environ.items() if name != "MLFLOW_TRACKING_URI"}, **extra}
+
+
 def _run(repo: Path, *command: str) -> str:
-    done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600, env=_env())
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout + done.stderr
 
 
-def _tiny(params: dict[str, Any]) -> None:
-    """Every trainer takes 40 steps, checkpointing each."""
-    params["device"] = "cpu"
-    params["data"]["max_images"] = 200  # 160 unlabeled, 16 labeled, 16 rl, 40 test images
-    params["model"].update(embed_dim=32, depth=1, num_heads=2)
-    # log_every 2 and a checkpoint every step: a kill at an odd step would cut a logging window in two, were a
-    # checkpoint not to close the window (the base trainer's rule)
-    params["pretrain"].update(epochs=8, batch_size=32, warmup_epochs=1.0, decoder_embed_dim=32, decoder_depth=1,
-                              decoder_num_heads=2, checkpoint_every=1, log_every=2, knn_k=5)  # 8 x 5 steps
-    params["finetune"].update(epochs=20, batch_size=8, warmup_epochs=1.0, checkpoint_every=1, log_every=2)  # 20 x 2
-    params["evaluate"].update(knn_k=5)
-    params["rl"].update(epochs=10, batch_size=8, group_size=4, num_iterations=2, checkpoint_every=1,
-                        log_every=2)  # 10 x 2 batches x 2 updates, for GRPO and each baseline
-
-
 def _checkpoint_step(path: Path) -> int:
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
-    except Exception:  # not written yet
-        return 0
+    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
 
 
-def _stamp(path: Path) -> tuple[int, int]:
-    """Changes with every checkpoint written: each is a new file renamed into place."""
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return 0, 0
-    return stat.st_ino, stat.st_mtime_ns
-
-
-def _start_repro(repo: Path, log: IO[str]) -> subprocess.Popen:
+def _start_repro(repo: Path, log: IO[str], env: dict[str, str]) -> subprocess.Popen:
     """`dvc repro` in its own session: its process group holds dvc and the stage command it runs."""
-    return subprocess.Popen(["dvc", "repro"], cwd=repo, stdout=log, stderr=subprocess.STDOUT,
+    return subprocess.Popen(["dvc", "repro"], cwd=repo, stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
 
 
@@ -107,6 +90,14 @@ def _kill_group(process: subprocess.Popen) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"processes of group {process.pid} outlived SIGKILL")
+
+
+def _gone(pid: int) -> bool:
+    """Whether process `pid` has ended (a zombie waiting for its reaper counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
 
 
 def _locked_stages(repo: Path) -> set[str]:
@@ -140,36 +131,33 @@ class Drill:
 
 
 def _interrupt(repo: Path, targets: dict[str, str], log_path: Path) -> Kill:
-    """Run `dvc repro` until a target's checkpoint holds an odd step past a quarter of the run, then kill -9 its
-    process group. The group is stopped (SIGSTOP) while the checkpoint is read, so the kill lands right there."""
+    """Run `dvc repro` until the first target not killed yet is about to write its checkpoint after KILLED_AT,
+    then kill -9 the process group: the stage waits there, stopped by the hook, for the kill."""
     started = time.monotonic()
     done_before = _locked_stages(repo)
     targets = {stage: path for stage, path in targets.items() if not (repo / path).exists()}  # not killed yet
+    record = log_path.with_suffix(".stopped.json")
+    env = _env(PYTHONPATH=os.pathsep.join(filter(None, [str(HOOK), os.environ.get("PYTHONPATH")])),
+               STOP_AT_CHECKPOINT=json.dumps({"paths": sorted(targets.values()), "step": KILLED_AT,
+                                              "record": str(record)}))
     with open(log_path, "w") as log:
-        process = _start_repro(repo, log)
+        process = _start_repro(repo, log, env)
         try:
-            seen: dict[str, tuple[int, int]] = {}
-            hit = None
-            while hit is None:
-                for stage, checkpoint in targets.items():
-                    stamp = _stamp(repo / checkpoint)
-                    if stamp == seen.get(checkpoint) or _checkpoint_step(repo / checkpoint) < TOTAL_STEPS // 4:
-                        seen[checkpoint] = stamp
-                        continue
-                    os.killpg(process.pid, signal.SIGSTOP)
-                    seen[checkpoint] = _stamp(repo / checkpoint)
-                    if _checkpoint_step(repo / checkpoint) % 2:
-                        hit = stage, checkpoint
-                        break
-                    os.killpg(process.pid, signal.SIGCONT)
+            deadline = time.monotonic() + 600  # no race to win: a guard against a hang only
+            while not record.is_file():
                 assert process.poll() is None, f"dvc repro ended before a kill:\n{log_path.read_text()[-3000:]}"
-                assert time.monotonic() - started < 300, f"no checkpoint of {sorted(targets)} within 300 s"
-                time.sleep(0.01)
+                assert time.monotonic() < deadline, f"no checkpoint past {KILLED_AT} of {sorted(targets)} in 600 s"
+                time.sleep(0.05)
         finally:
             _kill_group(process)
-    stage, checkpoint = hit
-    step = _checkpoint_step(repo / checkpoint)
-    assert TOTAL_STEPS // 4 <= step < TOTAL_STEPS and step % 2, f"{checkpoint}: the kill landed at step {step}"
+    stopped = json.loads(record.read_text())
+    if not _gone(stopped["pid"]):
+        os.kill(stopped["pid"], signal.SIGKILL)
+        raise AssertionError(f"the stage ({stopped}) was not in the process group of dvc repro")
+    assert process.returncode == -signal.SIGKILL, process.returncode  # dvc itself was killed, not told
+    stage = next(stage for stage, path in targets.items() if path == stopped["path"])
+    checkpoint, step = stopped["path"], _checkpoint_step(repo / stopped["path"])
+    assert step == stopped["step"] == KILLED_AT < stopped["next_step"], f"{checkpoint}: the kill landed at {stopped}"
     assert stage not in _locked_stages(repo) and not (repo / OUTS[stage]).exists(), f"{stage} wrote its out"
     assert not (repo / f"metrics/{stage}.json").exists(), f"{stage} wrote its metrics"
     ran = _ran(log_path.read_text())
@@ -178,33 +166,25 @@ def _interrupt(repo: Path, targets: dict[str, str], log_path: Path) -> Kill:
 
 
 @pytest.fixture(scope="module")
-def drill(tmp_path_factory: pytest.TempPathFactory, make_project: Callable[..., Path]) -> Iterator[Drill]:
-    """The uninterrupted reference and the drill, run side by side; timings of each phase."""
+def drill(tmp_path_factory: pytest.TempPathFactory, make_project: Callable[..., Path], toy_params: Callable[..., None],
+          request: pytest.FixtureRequest) -> Iterator[Drill]:
+    """The drill, then the uninterrupted reference (asked for last: another worker may still be reproducing it);
+    timings of each phase."""
     started = time.monotonic()
-    base = tmp_path_factory.mktemp("drill")
-    template = make_project(base / "template", _tiny)  # one snapshot of the working tree for both copies
-    result = Drill(shutil.copytree(template, base / "reference", symlinks=True),
-                   shutil.copytree(template, base / "drill", symlinks=True))
-    result.timings["setup"] = time.monotonic() - started
-
-    reference_log = open(base / "reference.log", "w")  # noqa: SIM115 - closed below, after the drill
-    reference = _start_repro(result.reference, reference_log)
-    try:
-        for index, targets in enumerate(ROUNDS):
-            kill = _interrupt(result.drill, targets, base / f"round{index}.log")
-            result.kills.append(kill)
-            result.timings[f"round {index}: kill {kill.stage} ({Path(kill.checkpoint).parent.name})"] = kill.seconds
-        resumed, done_before = time.monotonic(), _locked_stages(result.drill)
-        final = _run(result.drill, "dvc", "repro")
-        result.timings["final dvc repro"] = time.monotonic() - resumed
-        assert not set(_ran(final)) & done_before, final
-        waited = time.monotonic()
-        assert reference.wait(timeout=600) == 0, (base / "reference.log").read_text()[-3000:]
-        result.timings["waiting for the reference after the drill"] = time.monotonic() - waited
-    finally:
-        _kill_group(reference)
-        reference_log.close()
-    result.timings["module total"] = time.monotonic() - started
+    repo = make_project(tmp_path_factory.mktemp("drill") / "drill", toy_params, text=False)
+    kills, timings = [], {"setup": time.monotonic() - started}
+    for index, targets in enumerate(ROUNDS):
+        kill = _interrupt(repo, targets, repo.parent / f"round{index}.log")
+        kills.append(kill)
+        timings[f"round {index}: kill {kill.stage} ({Path(kill.checkpoint).parent.name})"] = kill.seconds
+    resumed, done_before = time.monotonic(), _locked_stages(repo)
+    final = _run(repo, "dvc", "repro")
+    timings["final dvc repro"] = time.monotonic() - resumed
+    assert not set(_ran(final)) & done_before, final
+    waited = time.monotonic()
+    result = Drill(request.getfixturevalue("toy_project"), repo, kills, timings)
+    timings["waiting for the reference (toy_project)"] = time.monotonic() - waited
+    timings["module total"] = time.monotonic() - started
     print("\nkill drill:")
     for kill in result.kills:
         print(f"  killed {kill.stage:<16} at {kill.checkpoint} step {kill.step}/{TOTAL_STEPS} "
@@ -258,7 +238,8 @@ def test_loss_curves_are_identical(drill: Drill, stage: str) -> None:
 
 def test_pipeline_is_up_to_date(drill: Drill) -> None:
     assert "up to date" in _run(drill.drill, "dvc", "status")
-    assert _locked_stages(drill.drill) == _locked_stages(drill.reference)
+    vision = {stage for stage in _locked_stages(drill.reference) if not stage.startswith("text_")}
+    assert _locked_stages(drill.drill) == vision == {"fetch", *TRAINING_STAGES, "evaluate"}
 
 
 def test_each_killed_stage_resumed_its_mlflow_run(drill: Drill) -> None:

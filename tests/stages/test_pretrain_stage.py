@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from pipeline_lib.vision.config import DataParams
 from pipeline_lib.vision.data.prepare import prepare_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
+HOOK = Path(__file__).resolve().parent / "stop_at_checkpoint"  # see its sitecustomize.py
 
 
 @pytest.fixture(scope="module")
@@ -59,40 +61,48 @@ def _losses(root: Path, name: str) -> list[float]:
 
 
 def _checkpoint_step(path: Path) -> int:
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
-    except Exception:  # not written yet
-        return 0
+    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
 
 
-def test_kill_and_resume_gives_the_uninterrupted_weights(workspace: Path) -> None:
+@pytest.fixture(scope="module")
+def straight(workspace: Path) -> str:
+    """One uninterrupted run on one process: the reference of both tests."""
     _run(workspace, "straight")
+    return "straight"
 
-    process = subprocess.Popen(_command(workspace, "killed", [sys.executable]), cwd=ROOT, env=_env(workspace),
+
+def test_kill_and_resume_gives_the_uninterrupted_weights(workspace: Path, straight: str) -> None:
+    # The run stops itself (the kill drills' hook) as it is about to replace checkpoint 12 with 13; kill -9 there.
+    record = workspace / "killed-at.json"
+    env = {**_env(workspace), "PYTHONPATH": os.pathsep.join(filter(None, [str(HOOK), os.environ.get("PYTHONPATH")])),
+           "STOP_AT_CHECKPOINT": json.dumps({"paths": [str(workspace / "killed" / "checkpoints" / "last.pt")],
+                                             "step": 12, "record": str(record)})}
+    process = subprocess.Popen(_command(workspace, "killed", [sys.executable]), cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300  # a guard against a hang, not a race: the run waits for the kill
+        while not record.is_file() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run must be killed mid-training"
     checkpoint = workspace / "killed" / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 300
-    while _checkpoint_step(checkpoint) < 12 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = _checkpoint_step(checkpoint)
-    assert 12 <= killed_at < 30 * (240 // 32), "the kill must land mid-training"
+    assert json.loads(record.read_text())["step"] == _checkpoint_step(checkpoint) == 12
     assert not (workspace / "killed" / "model").exists()
 
     _run(workspace, "killed")  # the same command again: resumes from the checkpoint
-    straight = load_file(workspace / "straight" / "model" / "encoder.safetensors")
+    reference = load_file(workspace / straight / "model" / "encoder.safetensors")
     resumed = load_file(workspace / "killed" / "model" / "encoder.safetensors")
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
-    assert _losses(workspace, "killed") == _losses(workspace, "straight")
+    assert reference.keys() == resumed.keys()
+    for key in reference:
+        assert torch.equal(reference[key], resumed[key]), key
+    assert _losses(workspace, "killed") == _losses(workspace, straight)
 
 
-def test_torchrun_two_processes_match_one(workspace: Path) -> None:
-    _run(workspace, "one")
+def test_torchrun_two_processes_match_one(workspace: Path, straight: str) -> None:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     _run(workspace, "two", launcher=torchrun)
-    one, two = _losses(workspace, "one"), _losses(workspace, "two")
+    one, two = _losses(workspace, straight), _losses(workspace, "two")
     assert len(one) == len(two) == 30 * (240 // 32)
     np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-5)

@@ -4,6 +4,7 @@ diffs, gate), a param change that reruns only its dependents, and two queued exp
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -20,7 +21,8 @@ MODEL = "ssl-pipeline-classifier"
 
 
 def _run(repo: Path, *command: str, status: int = 0) -> str:
-    done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=900)
+    env = {name: value for name, value in os.environ.items() if name != "MLFLOW_TRACKING_URI"}  # the project's store
+    done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == status, f"{' '.join(command)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     return done.stdout + done.stderr
 
