@@ -9,8 +9,14 @@ from __future__ import annotations
 
 from pipeline_lib.core.runner import Stage, run_stage, stage_parser
 from pipeline_lib.params import load_params
-from pipeline_lib.vision.data.store import prepared_digest
-from pipeline_lib.vision.pretrain import PretrainPaths, check_inputs, fingerprint, logged_params, run_pretrain
+from pipeline_lib.vision.pretrain import (
+    PretrainPaths,
+    check_inputs,
+    data_digest,
+    fingerprint,
+    logged_params,
+    run_pretrain,
+)
 
 
 def main() -> None:
@@ -19,7 +25,7 @@ def main() -> None:
     run_stage(Stage(
         "pretrain", load_params, device=True, logged=logged_params,
         check=lambda params: check_inputs(params, paths),  # params the data decides
-        inputs=lambda: {"data": prepared_digest(paths.data)}, upstream={"fetch": paths.data},
+        inputs=lambda: {"data": data_digest(paths.data)}, upstream={"fetch": paths.data},
         checkpoints=paths.checkpoints, fingerprint=lambda params: fingerprint(params, paths.data),
         run=lambda params, tracker, device: run_pretrain(params, paths, tracker, device),
     ), args.params)

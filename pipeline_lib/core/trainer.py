@@ -113,6 +113,14 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def fused_adamw(groups: list[dict[str, Any]]) -> bool | None:
+    """True where PyTorch has a fused AdamW kernel for every parameter (floating point, on the CPU or CUDA): one
+    kernel per step instead of a loop of small ones (3-4% of an MAE step on the CPU). None elsewhere (e.g. MPS,
+    XLA), PyTorch's default."""
+    params = [p for group in groups for p in group["params"]]
+    return True if params and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) else None
+
+
 def check_batch_size(cfg: TrainParams, num_samples: int, samples: str = "training samples") -> None:
     """The base trainer's rules for `<section>.batch_size` against the data and the processes: each micro-step's
     global micro-batch splits evenly over the processes, and an epoch holds at least one whole batch.
@@ -187,7 +195,8 @@ class Trainer(Generic[C]):
         groups = self.param_groups()
         for group in groups:  # layer-wise lr decay: a group may scale the lr (timm's `lr_scale`)
             group["lr"] = self.lr * group.get("lr_scale", 1.0)
-        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=(0.9, cfg.adam_beta2))
+        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=(0.9, cfg.adam_beta2),
+                                           fused=fused_adamw(groups))
         min_ratio = cfg.min_lr / cfg.base_lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,

@@ -174,8 +174,6 @@ class PretrainParams(TrainParams):
     # augmentations (all methods)
     crop_scale_min: float = bounded(0.5, "(0, 1]")
     flip_p: float = bounded(0.0, "[0, 1]")
-    # monitoring
-    knn_k: int = bounded(20, ">= 1")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -37,22 +37,3 @@ def embed(encoder: nn.Module, images: np.ndarray, preprocess: nn.Module, *, devi
         features.append(encoder(preprocess(pixels)).float().cpu())
     encoder.train(was_training)
     return torch.cat(features)
-
-
-def knn_accuracy(
-    encoder: nn.Module,
-    preprocess: nn.Module,
-    bank: tuple[np.ndarray, np.ndarray],
-    queries: tuple[np.ndarray, np.ndarray],
-    *,
-    device: torch.device,
-    k: int = 20,
-    temperature: float = 0.07,
-) -> float:
-    """Top-1 accuracy of kNN on `queries` (images, labels) with `bank` (images, labels) as the memory."""
-    bank_features = embed(encoder, bank[0], preprocess, device=device)
-    query_features = embed(encoder, queries[0], preprocess, device=device)
-    num_classes = int(max(bank[1].max(), queries[1].max())) + 1
-    scores = knn_scores(bank_features, torch.as_tensor(bank[1]), query_features, num_classes=num_classes, k=k,
-                        temperature=temperature)
-    return float((scores.argmax(dim=1).numpy() == queries[1]).mean())

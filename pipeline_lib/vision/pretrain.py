@@ -20,14 +20,13 @@ from torch import Tensor, nn
 from pipeline_lib.core import dist
 from pipeline_lib.core.checkpoints import code_digest
 from pipeline_lib.core.config import flatten, params_hash
-from pipeline_lib.core.errors import ConfigError, DataError
+from pipeline_lib.core.errors import ConfigError
 from pipeline_lib.core.outputs import staged_dir
 from pipeline_lib.core.tracking import Tracker
 from pipeline_lib.core.trainer import Batch, FitResult, Trainer, check_batch_size
 from pipeline_lib.vision.config import ModelParams, PretrainParams, VisionParams
 from pipeline_lib.vision.data.augment import AugmentConfig
 from pipeline_lib.vision.data.store import image_origin, prepared_digest, read_meta, read_split
-from pipeline_lib.vision.knn import knn_accuracy
 from pipeline_lib.vision.losses import CONTRASTIVE_LOSSES, mocov3_loss
 from pipeline_lib.vision.models.compound import log_model_size
 from pipeline_lib.vision.models.contrastive import MoCoV3, SimCLR
@@ -138,9 +137,19 @@ def logged_params(params: VisionParams) -> dict[str, Any]:
     }
 
 
+# What pretraining reads of the prepared data. Nothing labeled: a change of labels alone (data.label_fraction)
+# leaves this split byte-identical, so DVC does not retrain the encoder (dvc.yaml depends on this folder alone).
+SPLIT = "unlabeled"
+
+
+def data_digest(data_dir: Path) -> str:
+    """The sha256 of the split pretraining reads."""
+    return prepared_digest(data_dir, splits=(SPLIT,))
+
+
 def fingerprint(params: VisionParams, data_dir: Path) -> str:
-    """Identifies a training run for resuming: its params, the exact prepared data and the library code."""
-    return params_hash({**logged_params(params), "data": prepared_digest(data_dir), "code": code_digest()})
+    """Identifies a training run for resuming: its params, the exact unlabeled split and the library code."""
+    return params_hash({**logged_params(params), "data": data_digest(data_dir), "code": code_digest()})
 
 
 @dataclass
@@ -162,7 +171,7 @@ def check_inputs(params: VisionParams, paths: PretrainPaths) -> None:
     Raises:
         ConfigError: naming the key; DataError: no prepared unlabeled split.
     """
-    meta = read_meta(paths.data, "unlabeled")
+    meta = read_meta(paths.data, SPLIT)
     count, height = meta["shape"][:2]
     resolved, _ = check_encoder_input(params, data_img_size=height, origin=image_origin(meta, paths.data))
     check_method(params.pretrain, resolved.model)
@@ -176,7 +185,7 @@ def run_pretrain(params: VisionParams, paths: PretrainPaths, tracker: Tracker, d
     encoder actually built and saved; the checkpoint fingerprint is of the params as configured.
     """
     cfg = params.pretrain
-    unlabeled = read_split(paths.data, "unlabeled")
+    unlabeled = read_split(paths.data, SPLIT)
     _, height, width, in_chans = unlabeled.images.shape
     run_fingerprint = fingerprint(params, paths.data)
     params, scaling = resolve_params(params, data_img_size=height)
@@ -199,31 +208,21 @@ def run_pretrain(params: VisionParams, paths: PretrainPaths, tracker: Tracker, d
     result = trainer.fit()
     if not dist.is_main():
         return {}
-    summary = summarize(params, paths, trainer, result, time.perf_counter() - started)
+    summary = summarize(trainer, result, time.perf_counter() - started)
     write_outputs(params, paths, trainer, summary, tracker)
     return summary
 
 
-def summarize(params: VisionParams, paths: PretrainPaths, trainer: Trainer, result: FitResult,
-              wall_time: float) -> dict[str, Any]:
-    """Headline numbers of the run: final loss, throughput, and the kNN accuracy of the encoder."""
-    encoder = exported_encoder(trainer.model)
-    summary: dict[str, Any] = {
+def summarize(trainer: Trainer, result: FitResult, wall_time: float) -> dict[str, Any]:
+    """Headline numbers of the run: final loss and throughput. The encoder's probes (kNN, linear) are the
+    evaluate stage's: they need labels, which pretraining never reads."""
+    return {
         "loss": result.history[-1]["loss"] if result.history else float("nan"),
         "images_per_second": result.samples_per_second,
         "steps": result.steps,
         "resumed_from_step": result.resumed_from,
         "train_seconds": round(wall_time, 2),
     }
-    try:
-        labeled, test = read_split(paths.data, "labeled"), read_split(paths.data, "test")
-    except DataError:  # an unlabeled-only source has nothing to probe with
-        return summary
-    summary["knn_top1"] = knn_accuracy(
-        encoder, trainer.preprocess, (labeled.images, labeled.labels), (test.images, test.labels),
-        device=trainer.device, k=params.pretrain.knn_k,
-    )
-    return summary
 
 
 def write_outputs(params: VisionParams, paths: PretrainPaths, trainer: Trainer, summary: dict[str, Any],
@@ -245,7 +244,7 @@ def write_outputs(params: VisionParams, paths: PretrainPaths, trainer: Trainer, 
     with staged_dir(paths.out) as out:
         save_network(exported_encoder(trainer.model), trainer.preprocess, params.model, out,
                      in_chans=trainer.inputs.shape[-1], method=params.pretrain.method,
-                     data_digest=prepared_digest(paths.data))
+                     data_digest=data_digest(paths.data))
     per_step = set(trainer.history[-1]) if trainer.history else set()  # already curves in MLflow
     tracker.log_metrics({k: float(v) for k, v in summary.items() if k not in per_step}, step=trainer.total_steps)
     tracker.log_figure(figure, f"{title}.png")
@@ -255,8 +254,7 @@ def write_outputs(params: VisionParams, paths: PretrainPaths, trainer: Trainer, 
     version = None
     if tracker.run_id is not None:
         name = params.tracking.encoder_model
-        headline = (f"kNN top-1 {summary['knn_top1']:.4f} on the test split (k={params.pretrain.knn_k}, the labeled "
-                    "split as memory)" if "knn_top1" in summary else f"final loss {summary['loss']:.4f}")
+        headline = f"final loss {summary['loss']:.4f}"
         version = register_model(
             EncoderModel(), paths.out, name=name, kind=ENCODER, artifact_name="encoder",
             input_example=np.asarray(trainer.inputs[:2]), tags=tracker.lineage, description=encoder_description(name),

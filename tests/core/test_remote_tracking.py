@@ -72,7 +72,7 @@ def params(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["data"]["max_images"] = 200
     params["model"].update(embed_dim=32, depth=1, num_heads=2)
     params["pretrain"].update(epochs=2, batch_size=32, warmup_epochs=1.0, decoder_embed_dim=32, decoder_depth=1,
-                              decoder_num_heads=2, log_every=1, knn_k=5)
+                              decoder_num_heads=2, log_every=1)
     path.write_text(yaml.safe_dump(params))
     return path
 

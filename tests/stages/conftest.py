@@ -93,7 +93,7 @@ def _toy_params(params: dict[str, Any]) -> None:
     params["model"].update(embed_dim=32, depth=1, num_heads=2)
     every = {"checkpoint_every": 3, "log_every": 2}
     params["pretrain"].update(epochs=8, batch_size=32, warmup_epochs=1.0, decoder_embed_dim=32, decoder_depth=1,
-                              decoder_num_heads=2, knn_k=5, **every)  # 8 epochs x 5 steps
+                              decoder_num_heads=2, **every)  # 8 epochs x 5 steps
     params["finetune"].update(epochs=20, batch_size=8, warmup_epochs=1.0, **every)  # 20 x 2
     params["evaluate"].update(knn_k=5)
     params["rl"].update(epochs=10, batch_size=8, group_size=4, num_iterations=2,

@@ -33,7 +33,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["device"] = "cpu"
     params["model"].update(embed_dim=32, depth=2, num_heads=2)
     params["pretrain"].update(epochs=30, batch_size=32, warmup_epochs=1.0, base_lr=1.0e-3, decoder_embed_dim=32,
-                              decoder_depth=1, decoder_num_heads=2, checkpoint_every=1, log_every=1, knn_k=5)
+                              decoder_depth=1, decoder_num_heads=2, checkpoint_every=1, log_every=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 

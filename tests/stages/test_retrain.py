@@ -41,7 +41,7 @@ def _tiny(params: dict[str, Any]) -> None:
     params["data"]["max_images"] = 200
     params["model"].update(embed_dim=32, depth=1, num_heads=2)
     params["pretrain"].update(epochs=2, batch_size=32, warmup_epochs=1.0, decoder_embed_dim=32, decoder_depth=1,
-                              decoder_num_heads=2, knn_k=5)
+                              decoder_num_heads=2)
     params["finetune"].update(epochs=2, batch_size=8, warmup_epochs=1.0)
     params["evaluate"].update(knn_k=5)
     params["rl"].update(epochs=1, batch_size=8, group_size=4)

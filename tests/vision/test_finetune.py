@@ -29,7 +29,7 @@ def tiny_params(model: dict | None = None, **finetune: object) -> Params:
         "device": "cpu",
         "model": model or TINY_VIT,
         "pretrain": {"epochs": 1, "batch_size": 16, "warmup_epochs": 0.0, "decoder_embed_dim": 32,
-                     "decoder_num_heads": 2, "decoder_depth": 1, "knn_k": 5},
+                     "decoder_num_heads": 2, "decoder_depth": 1},
         "finetune": {"epochs": 2, "batch_size": 16, "warmup_epochs": 1.0, "log_every": 1, **finetune},
     })
 

@@ -109,17 +109,18 @@ def prepare_dataset(cfg: DataParams, seed: int, out_dir: Path, cache_dir: Path) 
         "class_names": raw.class_names,
         "num_classes": len(raw.class_names),
         "seed": seed,
-        "label_fraction": cfg.label_fraction,
-        "rl_fraction": cfg.rl_fraction,
         "test_fraction": cfg.test_fraction if raw.test_images is None else None,
         "max_images": cfg.max_images,
         "origin": raw.origin,
     }
+    # The fractions that draw the labeled splits are recorded in theirs only: the unlabeled split (what
+    # pretraining reads) stays byte-identical when only they change.
+    labels = {"label_fraction": cfg.label_fraction, "rl_fraction": cfg.rl_fraction}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary shared folder
     try:
-        metas = _write_splits(raw, idx, common, staging)
+        metas = _write_splits(raw, idx, common, labels, staging)
         _swap_into_place(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -127,7 +128,7 @@ def prepare_dataset(cfg: DataParams, seed: int, out_dir: Path, cache_dir: Path) 
 
 
 def _write_splits(
-    raw: RawDataset, idx: dict[str, Any], common: dict[str, Any], staging: Path
+    raw: RawDataset, idx: dict[str, Any], common: dict[str, Any], labels: dict[str, Any], staging: Path
 ) -> dict[str, dict[str, Any]]:
     metas: dict[str, dict[str, Any]] = {}
     parts = [(raw.train_images, idx["train"])]
@@ -139,11 +140,12 @@ def _write_splits(
     for name in ("labeled", "rl"):
         rows = idx[name]
         metas[name] = write_split(
-            staging / name, [(raw.train_images, rows)], raw.train_labels[rows], {**common, "split": name}
+            staging / name, [(raw.train_images, rows)], raw.train_labels[rows], {**common, **labels, "split": name}
         )
     rows = idx["test"]
     metas["test"] = write_split(
-        staging / "test", [(idx["test_source"], rows)], idx["test_labels"][rows], {**common, "split": "test"}
+        staging / "test", [(idx["test_source"], rows)], idx["test_labels"][rows],
+        {**common, **labels, "split": "test"},
     )
     return metas
 

@@ -122,10 +122,11 @@ def read_split(root: Path, name: str, *, verify: bool = False) -> Split:
     return Split(images=images, labels=labels, meta=meta)
 
 
-def prepared_digest(root: Path) -> str:
-    """One sha256 for a whole prepared dataset, from the per-array digests its meta files record."""
+def prepared_digest(root: Path, splits: Sequence[str] = SPLITS) -> str:
+    """One sha256 for a prepared dataset (or some of its `splits`), from the per-array digests its meta files
+    record."""
     digest = hashlib.sha256()
-    for name in SPLITS:
+    for name in splits:
         meta_file = Path(root) / name / "meta.json"
         if meta_file.is_file():
             digest.update(name.encode())
