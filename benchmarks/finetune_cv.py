@@ -9,7 +9,8 @@ few points between seeds, so compare recipes on repeated CV. Prints the mean and
 Examples:
     python benchmarks/finetune_cv.py                                   # the committed recipe
     python benchmarks/finetune_cv.py -S finetune.layer_decay=0.65 -S finetune.epochs=150
-    python benchmarks/finetune_cv.py --scratch                         # the baseline's recipe
+    python benchmarks/finetune_cv.py --scratch                         # the baseline's recipe (finetune_scratch)
+    python benchmarks/finetune_cv.py --scratch -S finetune_scratch.epochs=500
     python benchmarks/finetune_cv.py --repeats 3 --encoder /tmp/other_encoder
 """
 
@@ -29,7 +30,7 @@ from pipeline_lib.core.tracking import Tracker
 from pipeline_lib.params import load_params
 from pipeline_lib.vision.data.store import read_split
 from pipeline_lib.vision.evaluate import predict_probabilities
-from pipeline_lib.vision.finetune import FinetunePaths, FinetuneTrainer, build_classifier
+from pipeline_lib.vision.finetune import FinetunePaths, FinetuneTrainer, build_classifier, recipe
 from pipeline_lib.vision.models.factory import resolve_params
 
 
@@ -44,7 +45,8 @@ def main() -> None:
     parser.add_argument("-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     labeled = read_split(args.data, "labeled")
-    params, scaling = resolve_params(load_params(args.params, args.overrides), data_img_size=labeled.images.shape[1])
+    params = recipe(load_params(args.params, args.overrides), None if args.scratch else args.encoder)
+    params, scaling = resolve_params(params, data_img_size=labeled.images.shape[1])
     images, labels = np.asarray(labeled.images), np.asarray(labeled.labels)
     splitter = RepeatedStratifiedKFold(n_splits=args.folds, n_repeats=args.repeats, random_state=params.seed)
     device, accuracies, started = torch.device("cpu"), [], time.perf_counter()

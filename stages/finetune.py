@@ -3,8 +3,9 @@
 Usage: python -m stages.finetune --name finetune --params params.yaml --data data/prepared
            --encoder models/pretrain --out models/finetune --metrics metrics/finetune.json
            --plots plots/finetune --checkpoints checkpoints/finetune --register
-Without --encoder the same architecture, labels and budget train from scratch: the baseline that measures
-what pretraining is worth. On N processes: torchrun --nproc_per_node N -m stages.finetune <same arguments>
+Without --encoder the same architecture and labels train from scratch, with the baseline's own recipe (the
+`finetune_scratch` params over `finetune`): the baseline that measures what pretraining is worth.
+On N processes: torchrun --nproc_per_node N -m stages.finetune <same arguments>
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from pathlib import Path
 from pipeline_lib.core.runner import Stage, model_version_tags, run_stage, stage_parser
 from pipeline_lib.params import load_params
 from pipeline_lib.vision.data.store import prepared_digest
-from pipeline_lib.vision.finetune import FinetunePaths, check_inputs, fingerprint, logged_params, run_finetune
+from pipeline_lib.vision.finetune import (
+    FinetunePaths,
+    check_inputs,
+    fingerprint,
+    logged_params,
+    recipe,
+    run_finetune,
+)
 from pipeline_lib.vision.models.factory import encoder_digest
 
 
@@ -26,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     paths = FinetunePaths(args.data, args.encoder, args.out, args.metrics, args.plots, args.checkpoints)
     run_stage(Stage(
-        args.name, load_params, device=True, logged=logged_params,
+        args.name, lambda path: recipe(load_params(path), paths.encoder), device=True, logged=logged_params,
         check=lambda params: check_inputs(params, paths),  # params the data and the encoder decide
         inputs=lambda: {"data": prepared_digest(paths.data),
                         **({"encoder": encoder_digest(paths.encoder)} if paths.encoder else {})},

@@ -408,6 +408,11 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             hint = f"; did you mean {prefix}{close[0]}?" if close else ""
             raise ConfigError(f"{prefix}{key}: unknown key; accepted keys: {', '.join(fields)}{hint}")
     hints = typing.get_type_hints(cls)
+    raw = dict(raw)
+    for name in fields:  # a section that `inherits` another takes that one's keys, then its own over them
+        base = getattr(hints[name], "inherits", None) if isinstance(hints[name], type) else None
+        if base is not None and isinstance(raw.get(base), Mapping):
+            raw[name] = {**raw[base], **(raw.get(name) or {})}
     kwargs = {name: _convert(hints[name], raw[name], f"{prefix}{name}") for name in fields if name in raw}
     return cls(**kwargs)
 

@@ -117,6 +117,13 @@ class FinetunePaths:
     checkpoints: Path
 
 
+def recipe(params: VisionParams, encoder: Path | None) -> VisionParams:
+    """The params a finetune run trains with. From a pretrained `encoder`: as they are. From random weights (None):
+    the baseline's own recipe, `finetune_scratch`, put in the `finetune` section, so that the trainer, the logged
+    params (`finetune.*` in both runs, which the MLflow UI compares key by key) and the fingerprint read one place."""
+    return params if encoder is not None else dataclasses.replace(params, finetune=params.finetune_scratch)
+
+
 def logged_params(params: VisionParams) -> dict[str, Any]:
     """The flat params a finetune stage declares in dvc.yaml, as MLflow logs them."""
     return {

@@ -43,6 +43,7 @@ def _tiny(params: dict[str, Any]) -> None:
     params["pretrain"].update(epochs=2, batch_size=32, warmup_epochs=1.0, decoder_embed_dim=32, decoder_depth=1,
                               decoder_num_heads=2)
     params["finetune"].update(epochs=2, batch_size=8, warmup_epochs=1.0)
+    params["finetune_scratch"] = {"epochs": 2}
     params["evaluate"].update(knn_k=5)
     params["rl"].update(epochs=1, batch_size=8, group_size=4)
     params["promote"].update(task_ar=None, task_mdm=None)  # the vision track only

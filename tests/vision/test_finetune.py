@@ -12,12 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline_lib.core.errors import ConfigError
 from pipeline_lib.core.tracking import Tracker, stage_run
 from pipeline_lib.params import Params, params_from_dict
 from pipeline_lib.vision.config import DataParams
 from pipeline_lib.vision.data.prepare import prepare_dataset
 from pipeline_lib.vision.data.store import read_split
-from pipeline_lib.vision.finetune import FinetunePaths, FinetuneTrainer, build_classifier, run_finetune
+from pipeline_lib.vision.finetune import FinetunePaths, FinetuneTrainer, build_classifier, recipe, run_finetune
 from pipeline_lib.vision.models.factory import load_network
 from pipeline_lib.vision.pretrain import PretrainPaths, run_pretrain
 
@@ -161,3 +162,14 @@ def test_stage_outputs_and_registered_classifier(prepared: Path, encoder_dir: Pa
     with torch.no_grad():
         expected = torch.softmax(network(preprocess(torch.from_numpy(images))), dim=1).numpy()
     np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_the_baseline_has_its_own_recipe_over_the_finetune_section(tmp_path: Path) -> None:
+    """`finetune_scratch` takes every `finetune` key it does not set; `recipe` trains the scratch run with it."""
+    params = params_from_dict({"finetune": {"epochs": 7, "base_lr": 1.0e-2}, "finetune_scratch": {"epochs": 30}})
+    assert (params.finetune_scratch.epochs, params.finetune_scratch.base_lr) == (30, 1.0e-2)
+    assert recipe(params, None).finetune == params.finetune_scratch
+    assert recipe(params, tmp_path / "encoder").finetune.epochs == 7
+    assert params_from_dict({"finetune": {"epochs": 7}}).finetune_scratch.epochs == 7  # no section: finetune's
+    with pytest.raises(ConfigError, match=r"finetune_scratch\.epochs=0: must be a positive integer"):
+        params_from_dict({"finetune_scratch": {"epochs": 0}})
