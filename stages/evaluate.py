@@ -1,4 +1,4 @@
-"""DVC stage `evaluate`: test-split metrics of the finetuned classifiers, encoder probes, SSL gain.
+"""DVC stage `evaluate`: test-split metrics of the finetuned classifiers, encoder probes, pixel baselines, SSL gain.
 
 Usage: python -m stages.evaluate --params params.yaml --data data/prepared --encoder models/pretrain
            --classifier ssl=models/finetune --classifier scratch=models/finetune_scratch
@@ -26,7 +26,8 @@ def main() -> None:
     paths = EvaluatePaths(args.data, args.encoder, dict(args.classifier), args.metrics, args.plots)
     run_stage(Stage(
         "evaluate", load_params, device=True, report=lambda summary: report(summary, paths.classifiers),
-        logged=lambda params: {"device": params.device, **flatten(params.evaluate, prefix="evaluate.")},
+        logged=lambda params: {"seed": params.seed, "device": params.device,
+                               **flatten(params.evaluate, prefix="evaluate.")},
         inputs=lambda: {"data": prepared_digest(paths.data)},
         upstream={"fetch": paths.data, "pretrain": paths.encoder,
                   **{f"finetune.{name}": folder for name, folder in paths.classifiers.items()}},
@@ -45,7 +46,9 @@ def report(summary: dict[str, Any], classifiers: dict[str, Path]) -> str:
     line = {f"{name}.top1": summary[name]["top1"] for name in classifiers}
     line.update({f"gain.{k}": v for k, v in summary.get("gain", {}).items()})
     line.update({f"encoder.{k}": v for k, v in summary["encoder"].items()})
-    return ", ".join(f"{k} {v:.4f}" for k, v in line.items())
+    line.update({f"baselines.{name}.top1": scores["top1"] for name, scores in summary["baselines"].items()})
+    svm = summary["baselines"]["pixels_svm"]
+    return ", ".join(f"{k} {v:.4f}" for k, v in line.items()) + f" (svm C {svm['C']:g}, gamma {svm['gamma']:g})"
 
 
 if __name__ == "__main__":

@@ -241,7 +241,8 @@ class ScratchFinetuneParams(FinetuneParams):
 
 @dataclass(frozen=True)
 class EvaluateParams(Section):
-    """Test-split evaluation: calibration bins and the frozen-encoder probes (kNN, logistic regression)."""
+    """Test-split evaluation: calibration bins, the frozen-encoder probes (kNN, logistic regression) and the
+    pixel baselines (logistic regression, an RBF SVM)."""
 
     section: ClassVar[str] = "evaluate"
 
@@ -249,6 +250,7 @@ class EvaluateParams(Section):
     knn_k: int = bounded(20, ">= 1")
     knn_temperature: float = bounded(0.07, "> 0")
     probe_c: float = bounded(1.0, "> 0", "inverse L2 strength of the logistic-regression probe")
+    baseline_folds: int = bounded(4, ">= 2", "stratified CV folds choosing the pixel SVM's C and gamma on labeled")
 
 
 RewardType = Literal["accuracy", "cost_matrix", "abstain"]

@@ -1,5 +1,6 @@
 """The evaluate stage: test-split metrics of the SSL-finetuned classifier and of the from-scratch baseline,
-frozen-encoder probes, and the label-efficiency summary (what pretraining is worth at this many labels).
+frozen-encoder probes, pixel baselines (logistic regression and an RBF SVM on raw pixels, fitted on `labeled`),
+and the label-efficiency summary (what pretraining is worth at this many labels, over each baseline).
 
 Every number is computed on the `test` split, which no training stage reads. Metrics go to one JSON for
 `dvc metrics`, to the evaluate run in MLflow, and back onto each finetune run (as `test.*` metrics with its
@@ -20,6 +21,7 @@ from pipeline_lib.core.errors import DataError
 from pipeline_lib.core.outputs import staged_dir
 from pipeline_lib.core.registry import annotate
 from pipeline_lib.core.tracking import Tracker, read_run_record, write_json_atomic
+from pipeline_lib.vision.baselines import pixel_baselines
 from pipeline_lib.vision.config import VisionParams
 from pipeline_lib.vision.data.store import Split, read_split
 from pipeline_lib.vision.knn import embed, knn_scores
@@ -81,6 +83,8 @@ def run_evaluate(params: VisionParams, paths: EvaluatePaths, tracker: Tracker, d
     labeled, test = read_split(paths.data, "labeled"), read_split(paths.data, "test")
     if test.labels is None or labeled.labels is None:
         raise DataError(f"{paths.data}: the labeled and test splits need labels.npy to evaluate")
+    baselines = pixel_baselines(labeled.images, labeled.labels, test.images, test.labels, seed=params.seed,
+                                folds=params.evaluate.baseline_folds)
     class_names = list(test.meta["class_names"])
     bins = params.evaluate.calibration_bins
     probabilities, results = {}, {}
@@ -94,6 +98,10 @@ def run_evaluate(params: VisionParams, paths: EvaluatePaths, tracker: Tracker, d
     summary: dict[str, Any] = {name: _scalars(metrics) for name, metrics in results.items()}
     if HEADLINE in results and BASELINE in results:  # the label-efficiency summary: what pretraining is worth
         summary["gain"] = {key: summary[HEADLINE][key] - summary[BASELINE][key] for key in ("top1", "macro_f1")}
+    if HEADLINE in results:  # and over the pixel baselines, in top-1
+        summary.setdefault("gain", {}).update({f"{HEADLINE}_vs_{name}": summary[HEADLINE]["top1"] - scores["top1"]
+                                               for name, scores in baselines.items()})
+    summary["baselines"] = baselines
     summary["encoder"] = encoder_probes(params, paths.encoder, labeled, test, device, len(class_names))
     summary["labels"] = {"labeled_images": len(labeled), "label_fraction": labeled.meta.get("label_fraction"),
                          "test_images": len(test)}

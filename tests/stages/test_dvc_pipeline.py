@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from pipeline_lib.text.serving import LanguageModel, SamplerSettings
+from pipeline_lib.vision.data.store import prepared_digest
 
 
 @pytest.fixture(autouse=True)
@@ -233,7 +234,10 @@ def _check_finetune_and_evaluate(repo: Path) -> None:
     encoder = json.loads((repo / "models/pretrain/run.json").read_text())
     assert version.tags["encoder.model_version"] == str(encoder["model_version"])
     assert version.tags["upstream.pretrain.run_id"] == encoder["run_id"]
-    assert version.tags["input.data.sha256"] == client.get_run(encoder["run_id"]).data.tags["input.data.sha256"]
+    # Each run names the data it read: the classifier every split, the encoder the unlabeled split alone.
+    assert version.tags["input.data.sha256"] == prepared_digest(repo / "data/prepared")
+    assert client.get_run(encoder["run_id"]).data.tags["input.data.sha256"] == prepared_digest(
+        repo / "data/prepared", splits=("unlabeled",))
     scratch = client.get_run(json.loads((repo / "models/finetune_scratch/run.json").read_text())["run_id"])
     assert scratch.info.run_name == "finetune_scratch" and scratch.data.tags["init"] == "scratch"
     assert scratch.data.metrics["test.top1"] == summary["scratch"]["top1"]

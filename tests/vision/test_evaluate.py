@@ -1,4 +1,5 @@
-"""The evaluate stage's library entry on tiny data: metrics file, plots, gain, and the MLflow annotations."""
+"""The evaluate stage's library entry on tiny data: metrics file, pixel baselines, plots, gain, and the MLflow
+annotations."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from pipeline_lib.core.tracking import Tracker, stage_run
 from pipeline_lib.params import params_from_dict
+from pipeline_lib.vision.baselines import pixel_baselines
 from pipeline_lib.vision.config import DataParams
 from pipeline_lib.vision.data.prepare import prepare_dataset
 from pipeline_lib.vision.data.store import read_split
@@ -25,9 +27,9 @@ PARAMS = params_from_dict({
     "device": "cpu",
     "model": {"embed_dim": 32, "depth": 1, "num_heads": 2},
     "pretrain": {"epochs": 1, "batch_size": 16, "warmup_epochs": 0.0, "decoder_embed_dim": 32,
-                 "decoder_num_heads": 2, "decoder_depth": 1, "knn_k": 5},
+                 "decoder_num_heads": 2, "decoder_depth": 1},
     "finetune": {"epochs": 3, "batch_size": 16, "warmup_epochs": 1.0},
-    "evaluate": {"knn_k": 5},
+    "evaluate": {"knn_k": 5, "baseline_folds": 3},
 })
 
 
@@ -68,9 +70,20 @@ def test_metrics_file_has_both_models_probes_and_gain(pipeline: tuple[EvaluatePa
         assert summary[name]["ece"] == pytest.approx(expected["ece"])
         assert set(summary[name]) == {"top1", "top5", "macro_f1", "nll", "ece", "per_class_accuracy"}
     assert summary["gain"]["top1"] == pytest.approx(summary["ssl"]["top1"] - summary["scratch"]["top1"])
+    for name, scores in summary["baselines"].items():
+        assert summary["gain"][f"ssl_vs_{name}"] == pytest.approx(summary["ssl"]["top1"] - scores["top1"])
     assert 0 <= summary["encoder"]["knn_top1"] <= 1 and 0 <= summary["encoder"]["linear_probe_top1"] <= 1
     assert summary["labels"] == {"labeled_images": len(read_split(paths.data, "labeled")), "label_fraction": 0.5,
                                  "test_images": len(test)}
+
+
+def test_metrics_file_has_the_pixel_baselines(pipeline: tuple[EvaluatePaths, str]) -> None:
+    """Fitted on labeled (with the evaluate section's folds and the run's seed), scored on test."""
+    paths, _ = pipeline
+    labeled, test = read_split(paths.data, "labeled"), read_split(paths.data, "test")
+    expected = pixel_baselines(labeled.images, labeled.labels, test.images, test.labels, seed=PARAMS.seed, folds=3)
+    assert json.loads(paths.metrics.read_text())["baselines"] == expected
+    assert set(expected["pixels_svm"]) == {"top1", "C", "gamma"} and set(expected["pixels_logreg"]) == {"top1"}
 
 
 def test_plots_for_dvc(pipeline: tuple[EvaluatePaths, str]) -> None:
@@ -97,4 +110,9 @@ def test_finetune_runs_carry_their_test_results(pipeline: tuple[EvaluatePaths, s
     evaluate = client.search_runs([client.get_experiment_by_name("ssl-pipeline").experiment_id],
                                   filter_string="attributes.run_name = 'evaluate'")[0]
     assert evaluate.data.metrics["gain.top1"] == pytest.approx(summary["gain"]["top1"])
+    svm = summary["baselines"]["pixels_svm"]
+    assert evaluate.data.metrics["baselines.pixels_logreg.top1"] == summary["baselines"]["pixels_logreg"]["top1"]
+    assert [evaluate.data.metrics[f"baselines.pixels_svm.{key}"] for key in ("top1", "C", "gamma")] == [
+        svm["top1"], svm["C"], svm["gamma"]]
+    assert evaluate.data.metrics["gain.ssl_vs_pixels_svm"] == pytest.approx(summary["gain"]["ssl_vs_pixels_svm"])
     assert evaluate.data.metrics["ssl.per_class_accuracy.3"] == pytest.approx(summary["ssl"]["per_class_accuracy"]["3"])
