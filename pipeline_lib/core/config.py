@@ -325,8 +325,9 @@ class PromoteParams(Section):
     """The promotion gates (`python -m pipeline_lib.promote`): one optional gate per registered model, keyed
     as `TrackingParams.registered_models` keys them. A null gate is not applied.
 
-    The vision gates read the metrics of the run that registered the version: `post_trained.*` (rl, on test)
-    or `test.*` (added to the finetune runs by evaluate). The text task gates read `test.accuracy` (exact
+    The vision gates read the metrics of the run that registered the version: `loss` (pretrain),
+    `post_trained.*` (rl, on test) or `test.*` (added to the pretrain run, e.g. `test.linear_probe_top1`, and to
+    the finetune runs by evaluate). The text task gates read `test.accuracy` (exact
     match), `test.format_rate`, `test.pass_at_<k>`, which text_task_evaluate adds to the text_sft and text_rl
     runs; the language-model gates `validation.bits_per_character`, added by text_evaluate.
     """

@@ -293,6 +293,7 @@ def _metric(client: Any, version: Any, metric: str, *, required: bool = False) -
     if value is None and required:
         raise PromotionError(
             f"{version.name} v{version.version}: its run {version.run_id} has no metric {metric!r}; set the gate's "
-            "metric to one that run logs (rl logs post_trained.*, evaluate adds test.* to the finetune runs, "
-            "text_task_evaluate test.* to the text_sft and text_rl runs, text_evaluate validation.* to text_pretrain)")
+            "metric to one that run logs (pretrain logs loss, rl post_trained.*; evaluate adds test.* to the pretrain "
+            "and finetune runs, text_task_evaluate test.* to the text_sft and text_rl runs, text_evaluate "
+            "validation.* to text_pretrain)")
     return value

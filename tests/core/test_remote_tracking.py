@@ -112,7 +112,8 @@ def test_stages_record_runs_metrics_artifacts_and_model_versions_on_the_server(
     assert features.shape == (3, 32)
 
     gate = subprocess.run([sys.executable, "-m", "pipeline_lib.promote", "--params", str(params),
-                           "--model", "encoder", "-S", "promote.encoder.metric=knn_top1"],
+                           "--model", "encoder", "-S", "promote.encoder.metric=loss", "-S",
+                           "promote.encoder.mode=min"],
                           cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": server},
                           capture_output=True, text=True, timeout=120)
     assert gate.returncode == 0, gate.stderr
