@@ -23,7 +23,7 @@ from pipeline_lib.core.errors import DataError
 from pipeline_lib.core.tracking import Tracker, write_run_record
 from pipeline_lib.vision.config import DataParams, VisionParams
 from pipeline_lib.vision.data.sources import RawDataset, load_source, local_folder
-from pipeline_lib.vision.data.store import write_split
+from pipeline_lib.vision.data.store import StoredImages, write_split
 from pipeline_lib.vision.data.summary import log_prepared
 
 
@@ -93,10 +93,12 @@ def check_inputs(cfg: DataParams) -> None:
         local_folder(cfg)
 
 
-def prepare_dataset(cfg: DataParams, seed: int, out_dir: Path, cache_dir: Path) -> dict[str, dict[str, Any]]:
-    """Fetch the source and write its prepared splits to `out_dir`; return each split's meta."""
+def prepare_dataset(cfg: DataParams, seed: int, out_dir: Path, cache_dir: Path, *, workers: int | None = None
+                    ) -> dict[str, dict[str, Any]]:
+    """Fetch the source and write its prepared splits to `out_dir`; return each split's meta. An image folder is
+    decoded by `workers` processes (None: one per usable core); the bytes written do not depend on their number."""
     out_dir, cache_dir = Path(out_dir), Path(cache_dir)
-    raw = load_source(cfg, cache_dir)
+    raw = load_source(cfg, cache_dir, workers=workers)
     _check_raw(raw)
     idx = split_indices(raw, cfg, seed)
     if raw.train_labels is not None and len(idx["labeled"]) == 0:
@@ -137,10 +139,15 @@ def _write_splits(
     metas["unlabeled"] = write_split(staging / "unlabeled", parts, None, {**common, "split": "unlabeled"})
     if raw.train_labels is None:
         return metas  # unlabeled-only source: there is nothing to label, hold out or test
+    # labeled and rl are rows of the training pool, which the unlabeled split now holds in `idx["train"]` order:
+    # read them back from there, so that an image folder decodes each image once.
+    written = StoredImages(staging / "unlabeled" / "images.npy")
     for name in ("labeled", "rl"):
         rows = idx[name]
+        at = np.searchsorted(idx["train"], rows)
+        assert np.array_equal(idx["train"][at], rows), f"{name} rows outside the training pool"
         metas[name] = write_split(
-            staging / name, [(raw.train_images, rows)], raw.train_labels[rows], {**common, **labels, "split": name}
+            staging / name, [(written, at)], raw.train_labels[rows], {**common, **labels, "split": name}
         )
     rows = idx["test"]
     metas["test"] = write_split(

@@ -2,7 +2,8 @@
 
 Sources read archives in their official layouts and never unpickle anything: CIFAR-10 comes from the binary
 version (`cifar-10-binary.tar.gz`), STL-10 from `stl10_binary.tar.gz`. Large arrays stay memory-mapped views
-of the extracted files, so preparing STL-10's 100k unlabeled images never holds them all in memory.
+of the extracted files, so preparing STL-10's 100k unlabeled images never holds them all in memory. An image
+folder is read as `FolderImages` (folder.py): headers here, pixels decoded on every core while the splits are written.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import numpy as np
 from pipeline_lib.core.download import download, extract_archive
 from pipeline_lib.core.errors import ConfigError, DataError
 from pipeline_lib.vision.config import DataParams
+from pipeline_lib.vision.data.folder import open_folder_images
+from pipeline_lib.vision.data.store import ImageRows
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -27,7 +30,7 @@ class RawDataset:
     """Images as a source delivers them, before capping and splitting.
 
     Attributes:
-        train_images: (N, H, W, C) uint8 training pool (may be a memory-mapped view).
+        train_images: (N, H, W, C) uint8 training pool (may be a memory-mapped view, or a folder decoded on read).
         train_labels: (N,) int64 class ids, or None for an unlabeled-only source.
         test_images: (M, H, W, C) uint8 official test split, or None to carve one from the training pool.
         test_labels: (M,) int64, or None.
@@ -36,17 +39,20 @@ class RawDataset:
         origin: where the data came from (url and sha256, folder, package version), recorded in meta.json.
     """
 
-    train_images: np.ndarray
+    train_images: ImageRows
     train_labels: np.ndarray | None
     class_names: list[str]
     origin: dict[str, Any]
-    test_images: np.ndarray | None = None
+    test_images: ImageRows | None = None
     test_labels: np.ndarray | None = None
-    extra_unlabeled: np.ndarray | None = field(default=None)
+    extra_unlabeled: ImageRows | None = field(default=None)
 
 
-def load_source(cfg: DataParams, cache_dir: Path) -> RawDataset:
-    """Fetch (download, verify, extract) and read the source `cfg.source` names."""
+def load_source(cfg: DataParams, cache_dir: Path, *, workers: int | None = None) -> RawDataset:
+    """Fetch (download, verify, extract) and read the source `cfg.source` names; an image folder is decoded later,
+    as its splits are written, by `workers` processes (None: one per usable core)."""
+    if cfg.source == "imagefolder":  # the one source that decodes files
+        return load_imagefolder(cfg, Path(cache_dir), workers=workers)
     return SOURCES[cfg.source](cfg, Path(cache_dir))
 
 
@@ -171,12 +177,15 @@ def load_stl10(cfg: DataParams, cache_dir: Path) -> RawDataset:
 # ----------------------------------------------------------------------------------------- imagefolder
 
 
-def load_imagefolder(cfg: DataParams, cache_dir: Path) -> RawDataset:
+def load_imagefolder(cfg: DataParams, cache_dir: Path, *, workers: int | None = None) -> RawDataset:
     """Images from a folder (or an archive of one), in one of three layouts.
 
     - `train/<class>/...`, optional `test/<class>/...`, optional `unlabeled/...` (any depth);
     - `<class>/...`: one subfolder per class, the test split carved out by `data.test_fraction`;
     - image files only (any depth): unlabeled-only data.
+
+    Only the headers are read here (every file's, to fix one mode and size); the pools are `FolderImages`, decoded
+    by `workers` processes (None: one per usable core) while the store writes the splits.
     """
     if cfg.url is not None:
         root, origin = _fetch_archive(cfg, cache_dir)
@@ -195,16 +204,16 @@ def load_imagefolder(cfg: DataParams, cache_dir: Path) -> RawDataset:
         train_files, train_labels, names, test, extra = _image_files(root), None, [], None, []
     if not train_files:
         raise DataError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
-    all_files = train_files + (test[0] if test else []) + extra
-    read = _image_reader(all_files, cfg.image_size)
+    train_images, test_images, extra_images = open_folder_images(
+        [train_files, test[0] if test else [], extra], cfg.image_size, workers)
     return RawDataset(
-        train_images=read(train_files),
+        train_images=train_images,
         train_labels=train_labels,
         class_names=names,
         origin=origin,
-        test_images=read(test[0]) if test else None,
+        test_images=test_images if test else None,
         test_labels=test[1] if test else None,
-        extra_unlabeled=read(extra) if extra else None,
+        extra_unlabeled=extra_images if extra else None,
     )
 
 
@@ -241,49 +250,6 @@ def _class_layout(folder: Path, names: list[str] | None = None) -> tuple[list[Pa
         files += class_files
         labels += [class_id] * len(class_files)
     return files, np.asarray(labels, dtype=np.int64), names
-
-
-def _image_reader(files: list[Path], image_size: int | None) -> Callable[[list[Path]], np.ndarray]:
-    """Fix the channel count and size for every image first, then read lists of files with them."""
-    from PIL import Image, UnidentifiedImageError
-
-    modes, sizes = set(), {}
-    for path in files:
-        try:
-            with Image.open(path) as image:
-                modes.add(image.mode)
-                sizes.setdefault(image.size, path)
-        except (UnidentifiedImageError, OSError) as err:
-            raise DataError(f"{path}: not a readable image ({err})") from err
-    mode = "L" if modes <= {"L", "1", "I", "I;16", "F"} else "RGB"
-    if image_size is None and len(sizes) > 1:
-        (size_a, file_a), (size_b, file_b) = list(sizes.items())[:2]
-        raise DataError(
-            f"images differ in size ({file_a}: {size_a[0]}x{size_a[1]}, {file_b}: {size_b[0]}x{size_b[1]}); "
-            "set data.image_size to resize and centre-crop them to one square size"
-        )
-
-    def read(paths: list[Path]) -> np.ndarray:
-        arrays = [_load_image(p, mode, image_size) for p in paths]
-        return np.stack(arrays)
-
-    return read
-
-
-def _load_image(path: Path, mode: str, image_size: int | None) -> np.ndarray:
-    """One image as (H, W, C) uint8; with `image_size`, shorter side resized then centre-cropped."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image = image.convert(mode)
-        if image_size is not None:
-            scale = image_size / min(image.size)
-            width, height = max(image_size, round(image.width * scale)), max(image_size, round(image.height * scale))
-            image = image.resize((width, height), Image.Resampling.BICUBIC)
-            left, top = (width - image_size) // 2, (height - image_size) // 2
-            image = image.crop((left, top, left + image_size, top + image_size))
-        array = np.asarray(image, dtype=np.uint8)
-    return array[..., None] if array.ndim == 2 else array
 
 
 SOURCES: dict[str, Callable[[DataParams, Path], RawDataset]] = {
