@@ -29,6 +29,8 @@ RUN_FIRST = [
     "tests/stages/test_kill_drills.py",  # compares with the toy project last: reproduced by then
     "toy_clone",  # each test that changes a copy of the toy project
     "tests/stages/test_pretrain_stage.py",
+    "tests/stages/test_seeds_benchmark.py",  # reproduces two seeds of the toy project
+    "tests/stages/test_label_curve.py",
     "tests/test_gpu_check.py",  # the GPU check's smoke run: fetch and pretrain in a copy of the project
     "tests/core/test_remote_tracking.py",
     "tests/stages/test_params_errors.py",

@@ -1,0 +1,57 @@
+"""Study `label_curve` (studies/dvc.yaml): test top-1 of SSL, scratch and the pixel baselines against the label
+fraction, from the one pretrained encoder.
+
+Usage: python -m stages.label_curve --params params.yaml --encoder models/pretrain --cache-dir data/cache
+           --plots plots/label_curve [--fractions 0.01 0.02 0.05 0.1 0.25 0.5] [--repeats 5 5 3 1 1 1]
+Run by `dvc repro studies/dvc.yaml` (never by the default `dvc repro`); see pipeline_lib/vision/label_curve.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline_lib.core.runner import Stage, model_version_tags, run_stage, stage_parser
+from pipeline_lib.params import load_params
+from pipeline_lib.vision.label_curve import (
+    DEFAULT_FRACTIONS,
+    METHODS,
+    CurvePaths,
+    check_inputs,
+    logged_params,
+    run_label_curve,
+)
+from pipeline_lib.vision.models.factory import encoder_digest
+
+
+def main() -> None:
+    parser = stage_parser(__doc__, "encoder", "plots")
+    parser.add_argument("--cache-dir", type=Path, required=True, help="the fetch stage's download cache")
+    parser.add_argument("--fractions", type=float, nargs="+", default=list(DEFAULT_FRACTIONS),
+                        help="label fractions of the training pool (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, nargs="+",
+                        help="labeled draws per fraction: one count, or one per fraction (default: 5 below 50 "
+                             "labeled images, 3 below 100, else 1)")
+    args = parser.parse_args()
+    paths = CurvePaths(args.encoder, args.cache_dir, args.plots)
+    run_stage(Stage(
+        "label_curve", load_params, device=True,
+        logged=lambda params: logged_params(params, args.fractions, args.repeats),
+        check=lambda params: check_inputs(params, paths, args.fractions, args.repeats),
+        inputs=lambda: {"encoder": encoder_digest(paths.encoder)}, upstream={"pretrain": paths.encoder},
+        tags=lambda: model_version_tags("encoder", paths.encoder),
+        run=lambda params, tracker, device: run_label_curve(params, paths, tracker, device,
+                                                            fractions=args.fractions, repeats=args.repeats),
+        report=report,
+    ), args.params)
+
+
+def report(summary: dict[str, Any]) -> str:
+    """`<fraction>: ssl 0.9xx, scratch ...` per point, then the wall time."""
+    points = "; ".join(f"{point['label_fraction']:g}: " + ", ".join(f"{m} {point[m]:.3f}" for m in METHODS)
+                       for point in summary["table"])
+    return f"{points} ({summary['draws']} labeled sets, {summary['seconds']:.0f} s; MLflow run {summary['run_id']})"
+
+
+if __name__ == "__main__":
+    main()
