@@ -52,6 +52,8 @@ from typing import Any
 
 import yaml
 
+from pipeline_lib.core.config import apply_overrides
+
 # Headline keys per metrics file (relative to metrics/): what a reader of the README compares across seeds.
 HEADLINES: dict[str, tuple[str, ...]] = {
     "evaluate.json": ("ssl.top1", "scratch.top1", "gain.top1", "baselines.*.top1", "encoder.*_top1"),
@@ -302,14 +304,7 @@ def make_copy(plan: Plan, seed: int, copy: Path) -> None:
     (copy / DATA_CACHE).parent.mkdir(parents=True, exist_ok=True)
     (copy / DATA_CACHE).symlink_to((root / DATA_CACHE).resolve(), target_is_directory=True)
     params = yaml.safe_load((copy / "params.yaml").read_text())
-    params["seed"] = seed
-    for assignment in plan.overrides:
-        key, _, value = assignment.partition("=")
-        *sections, name = key.split(".")
-        node = params
-        for section in sections:
-            node = node[section]
-        node[name] = yaml.safe_load(value)  # as `dvc exp run -S` parses it
+    apply_overrides(params, [*plan.overrides, f"seed={seed}"])
     (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     identity = ["-c", "user.name=seeds benchmark", "-c", "user.email=seeds@localhost"]
     commit = ["git", *identity, "commit", "-q", "-m", f"seed {seed}"]

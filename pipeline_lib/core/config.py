@@ -379,6 +379,17 @@ def load_params(path: str | Path, schema: type[P], overrides: Sequence[str] = ()
     if view and isinstance(raw, dict):  # a track's view: the other track's sections are not its to check
         declared = {field.name for field in dataclasses.fields(schema)}  # type: ignore[arg-type]
         raw = {key: value for key, value in raw.items() if key in declared}
+    apply_overrides(raw, overrides)
+    return params_from_dict(raw, schema)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> None:
+    """Set each `section.key=value` in the parsed params document `raw`, the value parsed as YAML (as `dvc exp run
+    -S` parses it).
+
+    Raises:
+        ConfigError: an override without `=` or a key.
+    """
     for assignment in overrides:
         key, equals, value = assignment.partition("=")
         if not equals or not key:
@@ -390,7 +401,6 @@ def load_params(path: str | Path, schema: type[P], overrides: Sequence[str] = ()
                 target[section] = {}
             target = target[section]
         target[name] = yaml.safe_load(value)
-    return params_from_dict(raw, schema)
 
 
 def params_from_dict(raw: Mapping[str, Any], schema: type[P]) -> P:

@@ -42,6 +42,7 @@ from pipeline_lib.vision.baselines import pixel_baselines
 from pipeline_lib.vision.config import VisionParams
 from pipeline_lib.vision.data.prepare import split_indices, stratified_pick
 from pipeline_lib.vision.data.sources import RawDataset, load_source
+from pipeline_lib.vision.data.store import pixel_mean_std
 from pipeline_lib.vision.evaluate import predict_probabilities
 from pipeline_lib.vision.finetune import FinetunePaths, FinetuneTrainer, build_classifier, check_encoder, recipe
 from pipeline_lib.vision.models.factory import check_encoder_input, read_network_config, resolve_params
@@ -163,14 +164,6 @@ def check_inputs(params: VisionParams, paths: CurvePaths, fractions: Sequence[fl
     draw_sets(raw, params, fractions, repeats)
 
 
-def pixel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std on the 0..1 scale, as the fetch stage records them in a split's meta.json."""
-    pixels = np.asarray(images, dtype=np.float64).reshape(-1, images.shape[-1]) / 255.0
-    mean = pixels.mean(axis=0)
-    std = np.sqrt(np.maximum(np.square(pixels).mean(axis=0) - np.square(mean), 0.0))
-    return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
-
-
 def finetune_top1(params: VisionParams, encoder: Path | None, images: np.ndarray, labels: np.ndarray,
                   test: tuple[np.ndarray, np.ndarray], *, img_size: int, num_classes: int,
                   device: torch.device) -> dict[str, float]:
@@ -184,7 +177,7 @@ def finetune_top1(params: VisionParams, encoder: Path | None, images: np.ndarray
     with tempfile.TemporaryDirectory() as scratch:
         paths = FinetunePaths(Path(scratch), encoder, Path(scratch), Path(), Path(), Path(scratch) / "checkpoints")
         model, preprocess = build_classifier(params, paths, in_chans=images.shape[-1], img_size=img_size,
-                                             num_classes=num_classes, pixel_stats=pixel_stats(images))
+                                             num_classes=num_classes, pixel_stats=pixel_mean_std(images))
         trainer = FinetuneTrainer(model, params.finetune, images, preprocess, labels=labels, num_classes=num_classes,
                                   device=device, seed=params.seed, checkpoint_dir=paths.checkpoints,
                                   tracker=Tracker(), fingerprint="label_curve")

@@ -169,6 +169,13 @@ def channel_sums(images: np.ndarray) -> Sums:
     return sums, squares
 
 
+def pixel_mean_std(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std on the 0..1 scale of (N, H, W, C) uint8 images, rounded as a split's meta.json
+    records them (`pixel_mean`, `pixel_std`)."""
+    mean, std = _mean_std(*channel_sums(images), math.prod(images.shape[:3]))
+    return [round(m, 6) for m in mean], [round(s, 6) for s in std]
+
+
 def _mean_std(sums: np.ndarray, squares: np.ndarray, pixels: int) -> tuple[list[float], list[float]]:
     """Per-channel mean and std on the 0..1 scale from exact sums over `pixels` pixels (0 for no pixels)."""
     pixels = max(pixels, 1)
