@@ -3,8 +3,10 @@
 Usage: python -m stages.text_rl --objective ar --params params.yaml --task data/text/task
            --sft models/text/sft_ar --out models/text/rl_ar --metrics metrics/text/rl_ar.json
            --plots plots/text/rl_ar --checkpoints checkpoints/text/rl_ar
-Stops before training when the SFT model's completions give no learning signal (every probe group all right
-or all wrong). On N processes: torchrun --nproc_per_node N -m stages.text_rl <same arguments>
+Trains only when at least `text_rl.min_signal` of the probe's groups (the SFT model's completions of the first rl
+prompts) got unequal rewards; below that the SFT weights pass through unchanged. With `min_signal: 0` it stops
+before training when no group has a signal.
+On N processes: torchrun --nproc_per_node N -m stages.text_rl <same arguments>
 """
 
 from __future__ import annotations

@@ -263,7 +263,9 @@ class TextRLParams(GRPOParams):
     `batch_size` counts prompts; each gets `group_size` completions sampled at `temperature` (`mdm`: LLaDA's
     sampler in blocks of `block_length`). `reward`: `accuracy` (1 right), `format` (1 well formed) or
     `combined` (TinyZero: 0 malformed, `format_score` well formed but wrong, 1 right). For `mdm` the
-    log-probabilities are d1's one-pass estimate, each prompt token masked with `prompt_mask_prob`.
+    log-probabilities are d1's one-pass estimate, each prompt token masked with `prompt_mask_prob`. GRPO trains
+    only when at least `min_signal` of the probe's groups got unequal rewards; below that the SFT weights pass
+    through unchanged, as GRPO's advantages would be almost all 0 (0: always train).
     """
 
     section: ClassVar[str] = "text_rl"
@@ -275,7 +277,8 @@ class TextRLParams(GRPOParams):
     weight_decay: float = 0.0
     adam_beta2: float = 0.99
     clip_grad: float | None = 1.0
-    block_length: int = bounded(8, ">= 1")
+    block_length: int = bounded(4, ">= 1")
+    min_signal: float = bounded(0.1, "[0, 1]", "0: always train")
     reward: TextReward = "combined"
     format_score: float = bounded(0.1, "[0, 1)", "a right answer earns 1")
     aggregation: Aggregation = "token"
@@ -293,7 +296,27 @@ class TextTaskEvaluateParams(Section):
 
     pass_k: int = bounded(4, ">= 1")
     temperature: float = bounded(1.0, "> 0", "pass@k needs distinct samples")
-    block_length: int = bounded(8, ">= 1")
+    block_length: int = bounded(4, ">= 1")
+
+
+@dataclass(frozen=True)
+class TextCurveParams(Section):
+    """The study `text_curve` (studies/dvc.yaml, `pipeline_lib.text.curve`): validation bits per character of each
+    objective against training time and FLOPs, beside the n-gram's. Each objective trains once with the
+    text_pretrain keys for its own `ar_epochs` / `mdm_epochs` (in place of `text_pretrain.epochs`: the masked model
+    needs more tokens) and is scored at `points` evenly spaced steps on the first `val_windows` validation windows
+    of `text_model.seq_len` tokens (null: all of them)."""
+
+    section: ClassVar[str] = "text_curve"
+
+    ar_epochs: int = bounded(12, ">= 1")
+    mdm_epochs: int = bounded(24, ">= 1")
+    points: int = bounded(12, ">= 1")
+    val_windows: int | None = bounded(None, ">= 1", "null: every validation window")
+
+    def epochs(self, objective: str) -> int:
+        """The epochs `objective` trains for."""
+        return {"ar": self.ar_epochs, "mdm": self.mdm_epochs}[objective]
 
 
 @dataclass(frozen=True)
@@ -309,3 +332,4 @@ class TextParams(CoreParams):
     text_sft: TextSFTParams = dataclasses.field(default_factory=TextSFTParams)
     text_rl: TextRLParams = dataclasses.field(default_factory=TextRLParams)
     text_task_evaluate: TextTaskEvaluateParams = dataclasses.field(default_factory=TextTaskEvaluateParams)
+    text_curve: TextCurveParams = dataclasses.field(default_factory=TextCurveParams)

@@ -207,7 +207,9 @@ def task_model_description(name: str, objective: str) -> str:
 def register_task_model(params: TextParams, folder: Path, tracker: Tracker, task: dict[str, Any], *, objective: str,
                         headline: str, started_from: str | None) -> int | None:
     """Register a task model folder as a version of `<tracking.task_model>-<objective>`; greedy completions by
-    default."""
+    default, for `mdm` in two blocks (as the default text_rl and text_task_evaluate sample): one block over the
+    whole answer commits the end-of-sequence fill first, its most confident positions, and so fixes the answer's
+    length before its digits."""
     from pipeline_lib.core.registry import register_model
     from pipeline_lib.text.serving import LanguageModel
 
@@ -216,7 +218,8 @@ def register_task_model(params: TextParams, folder: Path, tracker: Tracker, task
     name = params.tracking.task_name(objective)
     prompt = json.loads((folder / "task.json").read_text())["examples"]["test"][0]
     defaults = {**LanguageModel.default_params(task["prompt_len"] + task["answer_tokens"]),
-                "max_new_tokens": task["answer_tokens"], "block_length": task["answer_tokens"], "temperature": 0.0}
+                "max_new_tokens": task["answer_tokens"],
+                "block_length": max(1, task["answer_tokens"] // 2), "temperature": 0.0}
     return register_model(LanguageModel(), folder, name=name, kind=task_model_kind(objective), artifact_name="lm",
                           input_example=[prompt], inference_params=defaults, tags=tracker.lineage,
                           description=task_model_description(name, objective), headline=headline,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -282,6 +283,13 @@ def probe_signal(model: TransformerLM, objective: str, tokenizer: SpecialTokens,
             "frac_reward_zero_std": (rewards.std(dim=1) == 0).float().mean().item(), "prompts": len(probe)}
 
 
+def enough_signal(probe: dict[str, float], cfg: TextRLParams) -> bool:
+    """Whether GRPO should train: at least `text_rl.min_signal` of the probe's groups got unequal rewards (with
+    `min_signal` 0, always; `check_signal` then refuses a probe without any signal)."""
+    signal = 1.0 - probe["frac_reward_zero_std"]
+    return signal >= cfg.min_signal or math.isclose(signal, cfg.min_signal)  # a share is a float
+
+
 def check_signal(probe: dict[str, float], cfg: TextRLParams) -> None:
     """Refuse a run in which every probe group is all right or all wrong; warn when most are."""
     where = (f"on {probe['prompts']} rl prompts x text_rl.group_size={cfg.group_size} completions "
@@ -325,24 +333,30 @@ def run_text_rl(params: TextParams, paths: TextRLPaths, objective: str, tracker:
     task = config["task"]
     examples = data.splits["rl"]
     probe = probe_signal(model, objective, tokenizer, examples, data.checker, task, cfg, params.seed)
-    check_signal(probe, cfg)
+    train = enough_signal(probe, cfg)
+    if train:
+        check_signal(probe, cfg)
     ids, real = encode_prompts([e.prompt for e in examples], tokenizer, task["prompt_len"])
     trainer = grpo_trainer(model, cfg, ids, real, examples, reference=copy.deepcopy(model), objective=objective,
                            tokenizer=tokenizer, checker=data.checker, task=task, tracker=tracker, device=device,
                            seed=params.seed, checkpoint_dir=paths.checkpoints,
                            fingerprint=fingerprint(params, paths, objective))
+    signal = (f"probe pass rate {probe['pass_rate']:.3f}, {1 - probe['frac_reward_zero_std']:.0%} of "
+              f"{probe['prompts']} groups with signal")
     if dist.is_main():
         print(f"text_rl: GRPO of {objective} on {len(examples)} rl prompts, G={cfg.group_size}, reward {cfg.reward}, "
-              f"{trainer.total_steps} steps, lr {trainer.lr:.2e}; probe pass rate {probe['pass_rate']:.3f}, "
-              f"{probe['frac_reward_zero_std']:.0%} of groups without signal")
+              + (f"{trainer.total_steps} steps, lr {trainer.lr:.2e}; {signal}" if train else
+                 f"not trained: {signal}, below text_rl.min_signal={cfg.min_signal}; the SFT weights pass through"))
     started = time.perf_counter()
-    result = trainer.fit()
+    steps, resumed_from, history = 0, 0, []
+    if train:
+        result = trainer.fit()
+        steps, resumed_from, history = result.steps, result.resumed_from, result.history
     if not dist.is_main():
         return {}
-    history = result.history
     first, last = (history[0], history[-1]) if history else ({}, {})
-    summary = {"rl_seconds": round(time.perf_counter() - started, 2), "steps": result.steps,
-               "resumed_from_step": result.resumed_from, "probe": probe,
+    summary = {"rl_seconds": round(time.perf_counter() - started, 2), "steps": steps, "trained": train,
+               "resumed_from_step": resumed_from, "probe": probe,
                "first": {k: first[k] for k in ("reward", "accuracy", "kl") if k in first},
                "last": {k: last[k] for k in ("reward", "accuracy", "kl", "entropy", "clip_ratio") if k in last}}
     write_outputs(params, paths, objective, trainer, tokenizer, config, summary, tracker)

@@ -103,6 +103,26 @@ def test_noop_then_forced_stages_stay_clean(toy_clone: Path) -> None:
     assert _check_git_dirty(repo, expected="false", exclude=before) == {"finetune_scratch", "evaluate"}
 
 
+def test_grpo_without_enough_signal_passes_the_sft_model_through(toy_clone: Path) -> None:
+    """Below text_rl.min_signal the stage trains nothing: the SFT weights, registered as the GRPO version."""
+    repo = toy_clone
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["text_rl"]["min_signal"] = 1.0  # every probe group would need unequal rewards
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    log = _run(repo, "dvc", "repro", "--single-item", "text_rl@ar")
+    assert "below text_rl.min_signal=1.0; the SFT weights pass through" in log, log
+    metrics = json.loads((repo / "metrics/text/rl_ar.json").read_text())
+    assert metrics["trained"] is False and metrics["steps"] == 0
+    assert metrics["probe"]["frac_reward_zero_std"] > 0.0  # it was below the bar, not at it
+    weights = [(repo / f"models/text/{name}/model.safetensors").read_bytes() for name in ("sft_ar", "rl_ar")]
+    assert weights[0] == weights[1]
+    assert (repo / "plots/text/rl_ar/reward.csv").read_text().count("\n") == 1  # the header alone
+    rl, sft = (json.loads((repo / f"models/text/{name}/run.json").read_text()) for name in ("rl_ar", "sft_ar"))
+    version = mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db").get_model_version(rl["model_name"],
+                                                                                     str(rl["model_version"]))
+    assert version.tags["stage"] == "text_rl_ar" and version.tags["sft.model_version"] == str(sft["model_version"])
+
+
 def test_experiment_with_a_param_change(toy_clone: Path) -> None:
     repo = toy_clone
     _run(repo, "git", "add", "-A")
@@ -366,7 +386,7 @@ def _check_text_tasks(repo: Path) -> None:
     registered = mlflow.pyfunc.load_model(f"models:/ssl-pipeline-task-lm-mdm/{rl['model_version']}")
     answers = registered.predict(splits["test"][:3])
     local = LanguageModel.from_folder(repo / "models/text/rl_mdm")
-    settings = SamplerSettings(max_new_tokens=6, block_length=6, temperature=0.0)
+    settings = SamplerSettings(max_new_tokens=6, block_length=3, temperature=0.0)  # two blocks, not the whole answer
     assert answers == [local.generate(prompt, settings)[0] for prompt in splits["test"][:3]]
     assert not any("<eos>" in answer for answer in answers)
 

@@ -57,15 +57,15 @@ def _rows(path: Path) -> list[dict[str, str]]:
 def test_study_draws_the_curve_outside_the_default_pipeline(toy_clone: Path) -> None:
     repo = toy_clone
     _add_studies(repo)
-    status = _run(repo, "dvc", "status")  # the default repro is done: only the study is left, never run
-    assert status.startswith("studies/dvc.yaml:label_curve:"), status
+    status = _run(repo, "dvc", "status")  # the default repro is done: only the studies are left, never run
+    assert status.startswith("studies/dvc.yaml:label_curve:") and "studies/dvc.yaml:text_curve:" in status, status
     assert not any(f"\n{stage}:" in status for stage in ("fetch", "pretrain", "finetune", "evaluate")), status
     assert "up to date" in _run(repo, "dvc", "status", "dvc.yaml")
     assert "up to date" in _run(repo, "dvc", "repro") and not (repo / "plots/label_curve").exists()
 
-    output = _run(repo, "dvc", "repro", "studies/dvc.yaml")
+    output = _run(repo, "dvc", "repro", "studies/dvc.yaml:label_curve")
     assert "Stage 'pretrain' didn't change, skipping" in output  # the one pretrained encoder, not a new one
-    assert "up to date" in _run(repo, "dvc", "status")
+    assert "label_curve" not in _run(repo, "dvc", "status")
 
     runs, curve = _rows(repo / "plots/label_curve/runs.csv"), _rows(repo / "plots/label_curve/curve.csv")
     assert list(runs[0]) == RUN_COLUMNS and list(curve[0]) == CURVE_COLUMNS

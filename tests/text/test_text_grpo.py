@@ -34,6 +34,7 @@ from pipeline_lib.text.rl import (
     NoLearningSignal,
     ar_token_logps,
     check_signal,
+    enough_signal,
     grpo_trainer,
     mdm_token_logps,
     probe_signal,
@@ -275,6 +276,15 @@ def test_reward_of_follows_the_declared_rule() -> None:
                              ("combined", (1.0, 0.25, 0.0))]:
         cfg = rl_params(reward=reward, format_score=0.25)
         assert tuple(reward_of(cfg, text, example, NUMERIC) for text in (right, wrong, malformed)) == expected, reward
+
+
+def test_enough_signal_is_the_share_of_groups_with_unequal_rewards() -> None:
+    probe = {"reward": 0.1, "pass_rate": 0.05, "prompts": 64}
+    at = {share: {**probe, "frac_reward_zero_std": 1 - share} for share in (0.0, 0.05, 0.1, 0.5)}
+    assert [enough_signal(at[s], rl_params(min_signal=0.1)) for s in (0.0, 0.05, 0.1, 0.5)] == [
+        False, False, True, True]
+    assert all(enough_signal(p, rl_params(min_signal=0.0)) for p in at.values())  # 0: always train
+    assert not enough_signal(at[0.5], rl_params(min_signal=1.0))
 
 
 def test_check_signal_refuses_a_probe_without_signal(capsys: pytest.CaptureFixture[str]) -> None:
