@@ -160,19 +160,14 @@ def test_curve_trains_and_scores_as_the_stages_do(workspace: Path, curve: list[d
                                           "text_pretrain.epochs=2])"),
 ], ids=["points=0", "points>steps", "val_windows>windows", "warmup>mdm_epochs"])
 def test_bad_params_stop_in_one_line_before_anything_is_written(workspace: Path, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch, overrides: list[str],
-                                                                 message: str) -> None:
-    from stages import text_curve
-
+                                                                 overrides: list[str], message: str) -> None:
     raw = yaml.safe_load((workspace / "params.yaml").read_text())
     apply_overrides(raw, overrides)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setattr(sys, "argv", ["text_curve", "--params", str(tmp_path / "params.yaml"), "--data",
-                                      str(workspace / "prepared"), "--plots", str(tmp_path / "plots")])
-    with pytest.raises(SystemExit) as stopped:
-        text_curve.main()
-    assert str(stopped.value.code) == message
+    done = subprocess.run([*CURVE, "--params", str(tmp_path / "params.yaml"), "--data", str(workspace / "prepared"),
+                           "--plots", str(tmp_path / "plots")], cwd=ROOT, env=_env(tmp_path), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0 and done.stderr.strip().splitlines()[-1] == message, done.stdout + done.stderr
     assert not (tmp_path / "plots").exists() and not (tmp_path / "mlflow.db").exists()  # no output, no MLflow run
 
 
