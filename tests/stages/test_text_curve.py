@@ -59,16 +59,17 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _env(root: Path) -> dict[str, str]:
-    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "OMP_NUM_THREADS": "1"}
+def _run_curve(params: Path, data: Path, plots: Path, store: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m stages.text_curve` from the project root, as DVC runs it, logging to `store`/mlflow.db."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*CURVE, "--params", str(params), "--data", str(data), "--plots", str(plots)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def curve(workspace: Path) -> list[dict[str, str]]:
     """The stage run once, as DVC runs it: its CSV rows."""
-    done = subprocess.run([*CURVE, "--params", str(workspace / "params.yaml"), "--data", str(workspace / "prepared"),
-                           "--plots", str(workspace / "plots")], cwd=ROOT, env=_env(workspace), capture_output=True,
-                          text=True, timeout=300)
+    done = _run_curve(workspace / "params.yaml", workspace / "prepared", workspace / "plots", workspace)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "text_curve: n-gram " in done.stdout and "ar final bpc" in done.stdout, done.stdout
     with open(workspace / "plots" / "curve.csv", newline="") as handle:
@@ -164,9 +165,7 @@ def test_bad_params_stop_in_one_line_before_anything_is_written(workspace: Path,
     raw = yaml.safe_load((workspace / "params.yaml").read_text())
     apply_overrides(raw, overrides)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    done = subprocess.run([*CURVE, "--params", str(tmp_path / "params.yaml"), "--data", str(workspace / "prepared"),
-                           "--plots", str(tmp_path / "plots")], cwd=ROOT, env=_env(tmp_path), capture_output=True,
-                          text=True, timeout=300)
+    done = _run_curve(tmp_path / "params.yaml", workspace / "prepared", tmp_path / "plots", tmp_path)
     assert done.returncode != 0 and done.stderr.strip().splitlines()[-1] == message, done.stdout + done.stderr
     assert not (tmp_path / "plots").exists() and not (tmp_path / "mlflow.db").exists()  # no output, no MLflow run
 
