@@ -147,7 +147,10 @@ def declared_bounds(cls: type) -> dict[str, tuple[Bounds, bool, bool]]:
     hints = typing.get_type_hints(cls)
     numeric: dict[str, tuple[Bounds, bool, bool]] = {}
     for field in dataclasses.fields(cls):
-        options = typing.get_args(hints[field.name]) or (hints[field.name],)
+        hint = hints[field.name]
+        if typing.get_origin(hint) is list:  # a list's items are checked by its section, not as one number
+            continue
+        options = typing.get_args(hint) or (hint,)
         kinds = [option for option in options if option is not type(None)]
         if kinds not in ([int], [float]):
             continue
@@ -247,20 +250,22 @@ RewardScale = Literal["group", "none"]  # GRPO advantages: scaled by the group s
 
 
 @dataclass(frozen=True)
-class TrainParams(Section):
+class OptimParams(Section):
     """Optimisation and runtime keys every training stage shares; the base trainer reads only these.
 
     `batch_size` is the global batch per optimizer step (all processes, all accumulation micro-steps), so
-    results do not depend on how many processes run; lr = base_lr x batch_size / 256.
+    results do not depend on how many processes run. The peak lr, `learning_rate`, comes from the key a subclass
+    declares (`lr_key`): `base_lr` scaled by the batch (`TrainParams`) or `lr` as it is (`GRPOParams`); `min_lr`,
+    where the cosine schedule ends, is in the same unit as that key.
     """
 
     section: ClassVar[str] = "train"
+    lr_key: ClassVar[str] = ""
 
     epochs: int = bounded(10, ">= 1")
     batch_size: int = bounded(128, ">= 1")
     accumulation_steps: int = bounded(1, ">= 1")
-    base_lr: float = bounded(1.0e-3, "> 0")
-    min_lr: float = unbounded(0.0, "in [0, base_lr]: checked in __post_init__")
+    min_lr: float = unbounded(0.0, "in [0, the lr key]: checked in __post_init__")
     weight_decay: float = bounded(0.05, ">= 0")
     adam_beta2: float = bounded(0.95, "(0, 1)")
     warmup_epochs: float = unbounded(1.0, "in [0, epochs]: checked in __post_init__")
@@ -271,24 +276,50 @@ class TrainParams(Section):
     checkpoint_every: int = bounded(100, ">= 1")
     log_every: int = bounded(10, ">= 1")
 
+    @property
+    def learning_rate(self) -> float:
+        """The peak lr of the schedule."""
+        raise NotImplementedError
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.require(self.batch_size % self.accumulation_steps == 0, "batch_size",
                      f"must be a multiple of {self.dotted('accumulation_steps')}={self.accumulation_steps}")
-        self.require(0 <= self.min_lr <= self.base_lr, "min_lr", f"must be in [0, {self.dotted('base_lr')}]")
+        self.require(0 <= self.min_lr <= getattr(self, self.lr_key), "min_lr",
+                     f"must be in [0, {self.dotted(self.lr_key)}]")
         self.require(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs",
                      f"must be in [0, {self.dotted('epochs')}={self.epochs}]")
 
 
 @dataclass(frozen=True)
-class GRPOParams(TrainParams):
+class TrainParams(OptimParams):
+    """A training stage whose lr follows the batch: lr = base_lr x batch_size / 256 (the linear scaling rule)."""
+
+    lr_key: ClassVar[str] = "base_lr"
+
+    base_lr: float = bounded(1.0e-3, "> 0")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.base_lr * self.batch_size / 256
+
+
+@dataclass(frozen=True)
+class GRPOParams(OptimParams):
     """The GRPO keys both tracks' rl sections share (`pipeline_lib.core.grpo`): `group_size` samples per input at
     `temperature`, group-relative advantages (`scale_rewards`: `group` divides by each group's std, `none` is
     Dr. GRPO), `num_iterations` updates per sampled batch against the sampling policy with the clip range
-    `epsilon` / `epsilon_high`, and a k3 KL penalty `beta` to the frozen reference."""
+    `epsilon` / `epsilon_high`, and a k3 KL penalty `beta` to the frozen reference.
+
+    `lr` is the learning rate itself: it does not grow with `batch_size`. More inputs a step lower the noise of
+    GRPO's gradient, not its size, and with Adam every weight moves by about the lr whatever its signal, so a
+    batch-scaled lr would turn the remedy for noisy gradients into the step size that collapses the policy.
+    """
 
     section: ClassVar[str] = "grpo"
+    lr_key: ClassVar[str] = "lr"
 
+    lr: float = bounded(1.0e-4, "> 0")
     group_size: int = bounded(8, ">= 2", "advantages are relative to the group")
     temperature: float = bounded(1.0, "> 0", "greedy samples of an input would all be the same")
     scale_rewards: RewardScale = "group"
@@ -296,6 +327,10 @@ class GRPOParams(TrainParams):
     epsilon_high: float = unbounded(0.28, ">= epsilon: checked in __post_init__")
     num_iterations: int = bounded(1, ">= 1")
     beta: float = bounded(0.04, ">= 0", "0: no KL penalty")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -44,11 +44,11 @@ from tqdm import tqdm
 
 from pipeline_lib.core import dist
 from pipeline_lib.core.checkpoints import CHECKPOINT_NAME, read_checkpoint
-from pipeline_lib.core.config import TrainParams
+from pipeline_lib.core.config import OptimParams
 from pipeline_lib.core.errors import ConfigError, NonFiniteLossError
 from pipeline_lib.core.tracking import Tracker
 
-C = TypeVar("C", bound=TrainParams)
+C = TypeVar("C", bound=OptimParams)
 
 
 
@@ -121,7 +121,7 @@ def fused_adamw(groups: list[dict[str, Any]]) -> bool | None:
     return True if params and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) else None
 
 
-def check_batch_size(cfg: TrainParams, num_samples: int, samples: str = "training samples") -> None:
+def check_batch_size(cfg: OptimParams, num_samples: int, samples: str = "training samples") -> None:
     """The base trainer's rules for `<section>.batch_size` against the data and the processes: each micro-step's
     global micro-batch splits evenly over the processes, and an epoch holds at least one whole batch.
 
@@ -191,13 +191,13 @@ class Trainer(Generic[C]):
         self.model = model.to(device)  # unwrapped: what checkpoints and exports hold
         self.hooks = list(hooks)
         self.window_tokens = 0  # tokens counted in the current logging window (`count_tokens`)
-        self.lr = cfg.base_lr * cfg.batch_size / 256
+        self.lr = cfg.learning_rate
         groups = self.param_groups()
         for group in groups:  # layer-wise lr decay: a group may scale the lr (timm's `lr_scale`)
             group["lr"] = self.lr * group.get("lr_scale", 1.0)
         self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=(0.9, cfg.adam_beta2),
                                            fused=fused_adamw(groups))
-        min_ratio = cfg.min_lr / cfg.base_lr
+        min_ratio = cfg.min_lr / getattr(cfg, cfg.lr_key)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: lr_factor(s, warmup_steps=self.warmup_steps, total_steps=self.total_steps, min_ratio=min_ratio),
@@ -207,6 +207,7 @@ class Trainer(Generic[C]):
         self.forward_model = self._wrap(self.model)
         self.preprocess = None if preprocess is None else preprocess.to(device)
         self.history: list[dict[str, float]] = []
+        self.stopped_at: int | None = None  # the step `should_stop` ended training at
 
     # ------------------------------------------------------------------------------------ for subclasses
 
@@ -220,6 +221,12 @@ class Trainer(Generic[C]):
     def count_tokens(self, batch: Batch) -> int:
         """Tokens in this process's micro-batch, for `tokens_per_second`; 0 (the default) logs no token rate."""
         return 0
+
+    def should_stop(self, step: int) -> bool:
+        """Called after optimizer step `step` (0-based) and `after_step`: True ends training there (early stopping;
+        e.g. SFT at a target accuracy). The decision is saved with the checkpoint, so a resume does not train on.
+        Every process must return the same answer."""
+        return False
 
     def updates_per_batch(self) -> int:
         """Optimizer steps taken on each batch (GRPO's `num_iterations`); the schedule counts them all."""
@@ -248,19 +255,23 @@ class Trainer(Generic[C]):
     # ------------------------------------------------------------------------------------------ the loop
 
     def fit(self) -> FitResult:
-        """Train from the last checkpoint (or from scratch) to `epochs`; checkpoint on the way and at the end."""
+        """Train from the last checkpoint (or from scratch) to `epochs`, or until `should_stop`; checkpoint on the
+        way and at the end."""
         start = self.load_checkpoint()
+        end = self.total_steps if self.stopped_at is None else self.stopped_at
         bar = tqdm(total=self.total_steps, initial=start, desc=self.stage, unit="step", dynamic_ncols=True,
                    mininterval=1.0, disable=not dist.is_main())
         window: dict[str, Tensor] = {}
         window_start, window_steps, self.window_tokens = time.perf_counter(), 0, 0
-        for step in range(start, self.total_steps):
+        for step in range(start, end):
             metrics = self.train_step(step)
             for name, value in metrics.items():
                 window[name] = window.get(name, 0.0) + value
             window_steps += 1
+            if self.should_stop(step):
+                self.stopped_at = end = step + 1
             # A checkpoint closes the logging window too, so a run resumed from it logs the same averages.
-            checkpoint_due = (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == self.total_steps
+            checkpoint_due = (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == end
             if (step + 1) % self.cfg.log_every == 0 or checkpoint_due:
                 elapsed = time.perf_counter() - window_start
                 logged = {name: dist.all_reduce_mean(value / window_steps).item() for name, value in window.items()}
@@ -275,9 +286,11 @@ class Trainer(Generic[C]):
             bar.update(1)
             if checkpoint_due:
                 self.save_checkpoint(step + 1)
+            if step + 1 == end:
+                break
         bar.close()
         self.tracker.flush()
-        return FitResult(steps=self.total_steps, history=self.history, samples_per_second=self.median_rate(
+        return FitResult(steps=end, history=self.history, samples_per_second=self.median_rate(
             f"{self.unit}_per_second"), tokens_per_second=self.median_rate("tokens_per_second"), resumed_from=start)
 
     def median_rate(self, key: str) -> float:
@@ -366,7 +379,7 @@ class Trainer(Generic[C]):
             where = f"{self.checkpoint_path} (step {saved}) is kept" if saved is not None else "no checkpoint yet"
             raise NonFiniteLossError(
                 f"{self.stage}: loss is {loss.item()} at step {step + 1}; stopped before updating the weights. "
-                f"Last good checkpoint: {where}. Lower {self.cfg.section}.base_lr or set "
+                f"Last good checkpoint: {where}. Lower {self.cfg.section}.{self.cfg.lr_key} or set "
                 f"{self.cfg.section}.clip_grad."
             )
 
@@ -389,6 +402,7 @@ class Trainer(Generic[C]):
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "history": self.history,
+                "stopped_at": self.stopped_at,
                 "extra": self.extra_state(),
                 "rng": {
                     "torch": torch.get_rng_state(),
@@ -413,6 +427,7 @@ class Trainer(Generic[C]):
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.history = list(state["history"])
+        self.stopped_at = state.get("stopped_at")
         self.load_extra_state(state.get("extra", {}))
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if state["rng"]["cuda"] and torch.cuda.is_available():

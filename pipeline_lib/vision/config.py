@@ -309,7 +309,7 @@ class RLParams(GRPOParams):
     reward: RewardParams = dataclasses.field(default_factory=RewardParams)
     epochs: int = 50
     batch_size: int = 32
-    base_lr: float = 1.0e-2
+    lr: float = 1.25e-3
     adam_beta2: float = 0.999
     warmup_epochs: float = 0.0
     weight_decay: float = 0.0

@@ -451,6 +451,8 @@ def _numeric_fields(cls: type) -> set[str]:
     hints = typing.get_type_hints(cls)
     numeric = set()
     for field in dataclasses.fields(cls):
+        if typing.get_origin(hints[field.name]) is list:  # a list of numbers is checked by its section
+            continue
         kinds = [kind for kind in typing.get_args(hints[field.name]) or (hints[field.name],) if kind is not type(None)]
         if kinds in ([int], [float]):
             numeric.add(field.name)

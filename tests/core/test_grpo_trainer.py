@@ -58,7 +58,7 @@ class Bandit(Policy):
 
 
 def _trainer(root: Path, policy: Bandit | None = None, **cfg: Any) -> GRPOTrainer[GRPOParams]:
-    params = GRPOParams(**{"epochs": 2, "batch_size": 8, "group_size": 4, "base_lr": 5.0, "warmup_epochs": 0.0,
+    params = GRPOParams(**{"epochs": 2, "batch_size": 8, "group_size": 4, "lr": 0.15625, "warmup_epochs": 0.0,
                            "weight_decay": 0.0, "log_every": 1, "checkpoint_every": 100, **cfg})
     torch.manual_seed(0)
     model = nn.Linear(FEATURES, ACTIONS)

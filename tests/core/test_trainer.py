@@ -77,6 +77,39 @@ def test_lr_scales_with_batch(tmp_path: Path) -> None:
     assert _trainer(tmp_path, batch_size=32).lr == pytest.approx(0.05 * 32 / 256)
 
 
+def test_the_lr_of_a_grpo_section_does_not_grow_with_the_batch() -> None:
+    from pipeline_lib.core.config import GRPOParams
+
+    assert GRPOParams(lr=1.0e-3, batch_size=8).learning_rate == GRPOParams(lr=1.0e-3, batch_size=64).learning_rate
+    assert TrainParams(base_lr=1.0e-3, batch_size=64).learning_rate == pytest.approx(1.0e-3 * 64 / 256)
+
+
+class StoppingTrainer(ToyTrainer):
+    """Stops after the optimizer step `stop_after` (1-based), as SFT's early stop does at its target."""
+
+    stop_after = 6
+
+    def should_stop(self, step: int) -> bool:
+        return step + 1 == self.stop_after
+
+
+def test_should_stop_ends_training_there_and_a_resume_trains_no_further(tmp_path: Path) -> None:
+    cfg = TrainParams(epochs=4, batch_size=16, base_lr=0.05, warmup_epochs=1.0, checkpoint_every=4, log_every=4)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    options = {"device": torch.device("cpu"), "seed": 7, "checkpoint_dir": tmp_path / "ckpt", "tracker": Tracker(),
+               "fingerprint": "stop"}
+    trainer = StoppingTrainer(model, cfg, SAMPLES, UnitScale(), **options)
+    result = trainer.fit()
+    assert result.steps == trainer.stopped_at == 6 < trainer.total_steps == 16
+    assert [h["step"] for h in result.history] == [4, 6]  # the stop closes the logging window and checkpoints
+    weights = _weights(trainer)
+    again = StoppingTrainer(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), cfg, SAMPLES, UnitScale(), **options)
+    again.stop_after = 0  # would never stop: the checkpoint's decision holds
+    resumed = again.fit()
+    assert resumed.steps == 6 and resumed.resumed_from == 6
+    assert all(torch.equal(a, b) for a, b in zip(weights, _weights(again), strict=True))
+
+
 def test_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
     whole = _trainer(tmp_path / "a", accumulation_steps=1)
     split = _trainer(tmp_path / "b", accumulation_steps=4)

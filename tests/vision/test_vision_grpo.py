@@ -89,7 +89,7 @@ def test_logs_every_step_metric_and_starts_at_the_reference(tmp_path: Path) -> N
 
 
 def test_reference_is_frozen_and_head_only_trains_the_heads(tmp_path: Path) -> None:
-    trainer = _trainer(tmp_path, head_only=True, base_lr=0.1)
+    trainer = _trainer(tmp_path, head_only=True, lr=3.125e-3)
     reference = copy.deepcopy(trainer.reference.state_dict())
     encoder = {k: v.clone() for k, v in trainer.model.classifier.state_dict().items() if not k.startswith("head")}
     trainer.fit()
@@ -113,7 +113,7 @@ def test_resume_mid_batch_matches_a_straight_run(tmp_path: Path) -> None:
 
 
 def test_reward_rises_on_the_images_it_trains_on(tmp_path: Path) -> None:
-    trainer = _trainer(tmp_path, abstain=False, epochs=15, base_lr=0.5, beta=0.0)
+    trainer = _trainer(tmp_path, abstain=False, epochs=15, lr=1.5625e-2, beta=0.0)
     rewards = [h["reward"] for h in trainer.fit().history]
     assert np.mean(rewards[-8:]) > np.mean(rewards[:8]) + 0.2, rewards
 
@@ -122,9 +122,9 @@ def test_baselines_train_with_the_same_budget(tmp_path: Path) -> None:
     """The exact expected-reward objective raises the reward; cross-entropy lowers its loss; both take as many
     optimizer steps on the same batches as GRPO."""
     grpo_steps = _trainer(tmp_path / "grpo", num_iterations=2).total_steps
-    expected = _trainer(tmp_path / "expected", cls=ExpectedRewardTrainer, num_iterations=2, epochs=8, base_lr=0.5)
+    expected = _trainer(tmp_path / "expected", cls=ExpectedRewardTrainer, num_iterations=2, epochs=8, lr=1.5625e-2)
     cross_entropy = _trainer(tmp_path / "ce", abstain=False, cls=CrossEntropyTrainer, num_iterations=2, epochs=8,
-                             base_lr=0.5)
+                             lr=1.5625e-2)
     assert _trainer(tmp_path / "e2", cls=ExpectedRewardTrainer, num_iterations=2).total_steps == grpo_steps
     rewards = [h["reward"] for h in expected.fit().history]
     assert np.mean(rewards[-4:]) > np.mean(rewards[:4]) + 0.2, rewards
