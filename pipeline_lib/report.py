@@ -46,6 +46,7 @@ class Table:
     rows: tuple[Row, ...]
     note: str = ""
     note_keys: tuple[str, ...] = ()
+    study: str | None = None  # the study (studies/dvc.yaml) that writes the file; None: the default pipeline
 
 
 # -- the headline, in one place: a change that adds a metric adds its row here --------------------------------
@@ -59,6 +60,13 @@ RL_POLICIES = {
     "exact expected reward, same budget": "baselines.expected_reward",
     "cross-entropy on rl + Bayes rule": "baselines.cross_entropy_bayes",
 }
+
+TASK_MODELS = {"scratch": "scratch + SFT", "sft": "pretrained + SFT", "rl": "+ GRPO"}
+TASK_COLUMNS = {"accuracy": "greedy", "pass_at_1": "pass@1", "maj_at_16": "maj@16", "pass_at_16": "pass@16",
+                "format_rate": "format"}
+CLAIM_PAIRS = {"grpo_minus_shuffled": "GRPO - shuffled reward", "grpo_minus_sft": "GRPO - SFT",
+               "grpo_minus_rft": "GRPO - RFT"}
+CLAIM_COLUMNS = {f"{key}": label for key, label in TASK_COLUMNS.items() if key != "format_rate"}
 
 HEADLINE: tuple[Table, ...] = (
     Table(
@@ -92,24 +100,38 @@ HEADLINE: tuple[Table, ...] = (
          Row(f"{TEXT_OBJECTIVES['mdm']}, an upper bound", ("mdm.bpc_bound",))),
     ),
     Table(
-        "Text: task exact match (test prompts)", "text/task.json",
-        ("objective", "scratch", "pretrained + SFT", "+ GRPO"),
-        tuple(Row(label, (f"scratch_{name}.accuracy", f"sft_{name}.accuracy", f"rl_{name}.accuracy"))
-              for name, label in TEXT_OBJECTIVES.items()),
-        note="On {} test prompts; greedy completions, well formed and right.", note_keys=("test_prompts",),
+        "Text: the task on its test prompts (one seed)", "text/task.json",
+        ("model", *TASK_COLUMNS.values()),
+        tuple(Row(f"{objective}: {label}", tuple(f"{kind}_{objective}.{key}" for key in TASK_COLUMNS))
+              for objective in TEXT_OBJECTIVES for kind, label in TASK_MODELS.items()),
+        note="On {} test prompts: exact match of the greedy completion, and of 16 samples at temperature 1 the mean "
+             "(pass@1), the majority vote and whether any is right; format: greedy completions well formed.",
+        note_keys=("test_prompts",),
+    ),
+    Table(
+        "Text RL: GRPO against its controls, paired over seeds (test; mean [95% interval])", "text/rl_claim.json",
+        ("difference", *CLAIM_COLUMNS.values(), "greedy, worst seed"),
+        tuple(Row(f"{objective}: {label}", (*(f"{objective}.differences.{pair}.{key}" for key in CLAIM_COLUMNS),
+                                             f"{objective}.differences.{pair}.accuracy.minimum"), signed=True)
+              for objective in TEXT_OBJECTIVES for pair, label in CLAIM_PAIRS.items()),
+        note="From `dvc repro studies/dvc.yaml:text_rl_claim`: for each seed an SFT model, then GRPO and its controls "
+             "from it at the same prompts, group size and steps (shuffled: GRPO on rewards permuted across each batch; "
+             "RFT: SFT on the accepted samples). SFT greedy exact match over the seeds: ar {}, mdm {}.",
+        note_keys=("ar.sft.accuracy", "mdm.sft.accuracy"), study="text_rl_claim",
     ),
 )
 
 
 # -- reading and formatting -----------------------------------------------------------------------------------
 
-def read_metrics(folder: Path, file: str) -> tuple[dict[str, Any], str]:
+def read_metrics(folder: Path, file: str, study: str | None = None) -> tuple[dict[str, Any], str]:
     """The metrics document `folder/file` and "" when read; {} and why not (missing, unreadable) otherwise."""
     path = folder / file
     try:
         document = json.loads(path.read_text())
     except FileNotFoundError:
-        return {}, f"{path} not found (not reproduced yet)"
+        how = "not reproduced yet" if study is None else f"run dvc repro studies/dvc.yaml:{study}"
+        return {}, f"{path} not found ({how})"
     except (OSError, ValueError) as err:
         return {}, f"{path} unreadable: {err}"
     return (document, "") if isinstance(document, dict) else ({}, f"{path} unreadable: not a JSON object")
@@ -126,7 +148,15 @@ def lookup(document: dict[str, Any], key: str | None) -> Any:
 
 
 def cell(value: Any, *, signed: bool = False) -> str:
-    """A number to 4 decimals (a difference with its sign); anything else that is not text as MISSING."""
+    """A number to 4 decimals (a difference with its sign); an interval (`core.claims.Interval` as a mapping) as
+    its mean and [low, high] to 3; anything else that is not text as MISSING."""
+    if isinstance(value, dict) and {"mean", "low", "high"} <= set(value):
+        spec = "+.3f" if signed else ".3f"
+        numbers = [value[key] for key in ("mean", "low", "high")]
+        if not all(isinstance(number, (int, float)) for number in numbers):
+            return MISSING
+        mean, low, high = (format(number, spec) for number in numbers)
+        return f"{mean} [{low}, {high}]"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return value if isinstance(value, str) else MISSING
     return f"{value:+.4f}" if signed else f"{value:.4f}"
@@ -141,6 +171,8 @@ class NoteValue:
     def __format__(self, spec: str) -> str:
         if isinstance(self.value, (int, float)) and not isinstance(self.value, bool):
             return format(self.value, spec or "g")
+        if isinstance(self.value, list) and all(isinstance(v, (int, float)) for v in self.value) and self.value:
+            return f"{min(self.value):.3f} to {max(self.value):.3f}"  # a range over seeds
         return MISSING if self.value is None or isinstance(self.value, (dict, list)) else str(self.value)
 
 
@@ -156,7 +188,7 @@ class Filled:
 
 def fill(table: Table, folder: Path) -> Filled:
     """`table` with the numbers of its file under `folder`; MISSING where there are none."""
-    document, problem = read_metrics(folder, table.file)
+    document, problem = read_metrics(folder, table.file, table.study)
     cells = [[row.label, *(cell(lookup(document, key), signed=row.signed) for key in row.keys)]
              for row in table.rows]
     note = problem or table.note.format(*(NoteValue(lookup(document, key)) for key in table.note_keys))

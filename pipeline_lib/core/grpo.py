@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline_lib.core.config import GRPOParams, RewardScale
-from pipeline_lib.core.trainer import Batch, Trainer
+from pipeline_lib.core.trainer import Batch, Trainer, step_seed
 
 Aggregation = Literal["token", "sample"]
 GRPOConfig = TypeVar("GRPOConfig", bound=GRPOParams)
@@ -56,6 +56,17 @@ def group_advantages(rewards: Tensor, *, scale: RewardScale = "group", eps: floa
     if scale == "none":
         return centred
     return centred / (rewards.std(dim=1, keepdim=True) + eps)
+
+
+def shuffled_rewards(rewards: Tensor, *, generator: torch.Generator) -> Tensor:
+    """(B, G) rewards -> the same B * G values in a random order over the whole batch: the null control of GRPO.
+
+    Trained on them, the update keeps everything but the reward's information: the sampling, the group-relative
+    advantages with their scale and share of zero groups, the clipping and the KL term. The permutation is drawn on
+    the CPU from `generator`.
+    """
+    order = torch.randperm(rewards.numel(), generator=generator).to(rewards.device)
+    return rewards.flatten()[order].view_as(rewards)
 
 
 def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
@@ -257,11 +268,15 @@ class GRPOTrainer(Trainer[GRPOConfig]):
     Args (beyond the base trainer's):
         policy: the track's policy (`Policy`); its `unit` names the throughput metric.
         reference: the frozen starting model (the finetuned classifier, the SFT language model).
+        shuffle_rewards: train on each batch's rewards permuted across the batch (`shuffled_rewards`), the control
+            that tells what the update does without the reward's information. The logged `reward` is the same
+            mean; `accuracy`-like track metrics still score the samples themselves.
     """
 
     def __init__(self, model: nn.Module, cfg: GRPOConfig, inputs: np.ndarray, preprocess: nn.Module | None = None,
-                 *, policy: Policy, reference: nn.Module, **kwargs: Any) -> None:
+                 *, policy: Policy, reference: nn.Module, shuffle_rewards: bool = False, **kwargs: Any) -> None:
         self.policy, self.stage, self.unit = policy, cfg.section, policy.unit
+        self.shuffle_rewards = shuffle_rewards
         super().__init__(model, cfg, inputs, preprocess, **kwargs)
         self.reference = reference.to(self.device).eval().requires_grad_(False)
         self.sampled: dict[str, dict[str, Any]] = {}  # per micro-batch, for the batch being iterated on
@@ -310,6 +325,9 @@ class GRPOTrainer(Trainer[GRPOConfig]):
         drawn = self.policy.sample(self.forward_model, batch)
         sampled, scored = drawn.samples, drawn.scored
         rewards = self.policy.rewards(batch, sampled)
+        if self.shuffle_rewards:  # a generator of its own: the policy's draws stay those of the real run
+            order = torch.Generator().manual_seed(step_seed(batch.generator.initial_seed(), batch.rows.start + 1))
+            rewards = shuffled_rewards(rewards, generator=order)
         sampled["rewards"] = rewards
         sampled["advantages"] = group_advantages(rewards, scale=self.cfg.scale_rewards)
         iterations = range(self.cfg.num_iterations if self.policy.varies_by_iteration else 1)

@@ -206,6 +206,9 @@ TextReward = Literal["accuracy", "format", "combined"]
 Aggregation = Literal["token", "sample"]
 
 
+RLMethod = Literal["grpo", "shuffled", "rft"]
+
+
 @dataclass(frozen=True)
 class TextTaskParams(Section):
     """The verifiable task the language models are finetuned on and post-trained against
@@ -225,7 +228,7 @@ class TextTaskParams(Section):
     min_len: int = unbounded(3, _OPTION)
     max_len: int = unbounded(8, _OPTION)
     max_number: int = unbounded(20, _OPTION)
-    train_size: int = bounded(4000, ">= 1")
+    train_size: int = bounded(6000, ">= 1")
     rl_size: int = bounded(1000, ">= 1")
     test_size: int = bounded(512, ">= 1")
     train_path: str | None = None
@@ -249,30 +252,46 @@ class TextTaskParams(Section):
 @dataclass(frozen=True)
 class TextSFTParams(LMTrainParams):
     """Supervised finetuning of a language model on the task's train split: the answer tokens only for `ar`,
-    LLaDA's SFT (the prompt never masked) for `mdm`. The from-scratch baseline has the same budget."""
+    LLaDA's SFT (the prompt never masked) for `mdm`. The from-scratch baseline has the same budget.
+
+    `stop_at_accuracy` stops early, at the edge of competence: every `check_every` steps the model completes the
+    last `holdout` train examples greedily (they are then held out of training), and SFT ends at the first check
+    whose exact match reaches it. The schedule still spans `epochs`. Null trains every epoch.
+    """
 
     section: ClassVar[str] = "text_sft"
 
-    epochs: int = 4
+    epochs: int = 16
+    min_lr: float = 4.0e-2
+    stop_at_accuracy: float | None = bounded(0.3, "(0, 1]", "null: train every epoch")
+    holdout: int = bounded(256, ">= 1", "read only with stop_at_accuracy")
+    check_every: int = bounded(100, ">= 1", "read only with stop_at_accuracy")
 
 
 @dataclass(frozen=True)
 class TextRLParams(GRPOParams):
-    """GRPO of a finetuned language model on the task's `rl` split against a rule reward (`losses.grpo`).
+    """Post-training of a finetuned language model on the task's `rl` split against a rule reward
+    (`pipeline_lib.text.rl`).
 
+    `method`: `grpo`, or one of its controls at the same prompts, group size and steps: `shuffled` (GRPO on the
+    batch's rewards permuted across the batch: the update without the reward's information) or `rft`
+    (rejection-sampling finetuning: the SFT loss on the sampled completions the checker accepts; the GRPO-only
+    keys `scale_rewards`, `epsilon`, `epsilon_high`, `num_iterations`, `beta` and `aggregation` are not read).
     `batch_size` counts prompts; each gets `group_size` completions sampled at `temperature` (`mdm`: LLaDA's
     sampler in blocks of `block_length`). `reward`: `accuracy` (1 right), `format` (1 well formed) or
     `combined` (TinyZero: 0 malformed, `format_score` well formed but wrong, 1 right). For `mdm` the
-    log-probabilities are d1's one-pass estimate, each prompt token masked with `prompt_mask_prob`. GRPO trains
-    only when at least `min_signal` of the probe's groups got unequal rewards; below that the SFT weights pass
-    through unchanged, as GRPO's advantages would be almost all 0 (0: always train).
+    log-probabilities are d1's one-pass estimate, each prompt token masked with `prompt_mask_prob`, which d1 uses
+    only to vary the estimate between a batch's inner updates: with `num_iterations` 1 it must be 0. Training
+    happens only when at least `min_signal` of the probe's groups got unequal rewards; below that the SFT weights
+    pass through unchanged, as GRPO's advantages would be almost all 0 (0: always train).
     """
 
     section: ClassVar[str] = "text_rl"
 
-    epochs: int = 3
+    method: RLMethod = "grpo"
+    epochs: int = 1
     batch_size: int = 16
-    base_lr: float = 4.0e-3
+    lr: float = 2.5e-4
     warmup_epochs: float = 0.0
     weight_decay: float = 0.0
     adam_beta2: float = 0.99
@@ -282,9 +301,17 @@ class TextRLParams(GRPOParams):
     reward: TextReward = "combined"
     format_score: float = bounded(0.1, "[0, 1)", "a right answer earns 1")
     aggregation: Aggregation = "token"
-    prompt_mask_prob: float = bounded(0.15, "[0, 1)")
+    prompt_mask_prob: float = unbounded(0.0, "in [0, 1), and 0 with num_iterations 1: checked in __post_init__")
     samples_every: int = bounded(20, ">= 1")
     log_every: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require(0 <= self.prompt_mask_prob < 1, "prompt_mask_prob", "must be in [0, 1)")
+        self.require(self.prompt_mask_prob == 0 or self.num_iterations > 1, "prompt_mask_prob",
+                     f"must be 0 with {self.dotted('num_iterations')}=1: d1 masks the prompt to vary its one-pass "
+                     "estimate between a batch's inner updates, and with one update it only hides prompt tokens "
+                     "(an operand of a short prompt) from the log-probs of the one update")
 
 
 @dataclass(frozen=True)
@@ -294,7 +321,7 @@ class TextTaskEvaluateParams(Section):
 
     section: ClassVar[str] = "text_task_evaluate"
 
-    pass_k: int = bounded(4, ">= 1")
+    pass_k: int = bounded(16, ">= 1")
     temperature: float = bounded(1.0, "> 0", "pass@k needs distinct samples")
     block_length: int = bounded(4, ">= 1")
 
@@ -320,6 +347,32 @@ class TextCurveParams(Section):
 
 
 @dataclass(frozen=True)
+class TextRLClaimParams(Section):
+    """The study `text_rl_claim` (studies/dvc.yaml, `pipeline_lib.text.rl_claim`): for each of `seeds` and
+    `objectives`, SFT with the text_sft keys from the pretrained model for the objectives in `pretrained` and from
+    fresh weights for the others, then GRPO and its two controls (text_rl's methods) from that model with the
+    text_rl keys for `rl_epochs` epochs, each scored on test as text_task_evaluate scores; `jobs` cells at a time,
+    the cores shared among them."""
+
+    section: ClassVar[str] = "text_rl_claim"
+
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2, 3, 4])
+    objectives: list[LMObjective] = dataclasses.field(default_factory=lambda: ["ar", "mdm"])
+    pretrained: list[LMObjective] = dataclasses.field(default_factory=lambda: ["ar"])
+    rl_epochs: int = bounded(3, ">= 1")
+    jobs: int = bounded(2, ">= 1")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require(len(self.seeds) >= 2 and len(set(self.seeds)) == len(self.seeds), "seeds",
+                     "must list at least 2 distinct seeds (an interval needs two)")
+        self.require(all(0 <= seed < 2**32 for seed in self.seeds), "seeds", "must be integers in [0, 2**32)")
+        self.require(len(self.objectives) >= 1 and len(set(self.objectives)) == len(self.objectives), "objectives",
+                     "must list ar, mdm or both, each once")
+        self.require(len(set(self.pretrained)) == len(self.pretrained), "pretrained", "must list each objective once")
+
+
+@dataclass(frozen=True)
 class TextParams(CoreParams):
     """The text track's view of `params.yaml`: the core sections and the text_* sections."""
 
@@ -333,3 +386,4 @@ class TextParams(CoreParams):
     text_rl: TextRLParams = dataclasses.field(default_factory=TextRLParams)
     text_task_evaluate: TextTaskEvaluateParams = dataclasses.field(default_factory=TextTaskEvaluateParams)
     text_curve: TextCurveParams = dataclasses.field(default_factory=TextCurveParams)
+    text_rl_claim: TextRLClaimParams = dataclasses.field(default_factory=TextRLClaimParams)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,31 +34,92 @@ from torch import Tensor
 from pipeline_lib.core import dist
 from pipeline_lib.core.checkpoints import code_digest
 from pipeline_lib.core.config import flatten, params_hash
+from pipeline_lib.core.errors import ConfigError
 from pipeline_lib.core.outputs import staged_dir
 from pipeline_lib.core.registry import ALIASES, ModelKind, model_uri
 from pipeline_lib.core.tracking import Tracker, upstream_model, write_json_atomic, write_run_record
 from pipeline_lib.core.trainer import Batch, Trainer, check_batch_size
-from pipeline_lib.text.config import TextParams
-from pipeline_lib.text.data.task_data import copy_task_meta, read_task, task_digest
+from pipeline_lib.text.config import TextParams, TextSFTParams
+from pipeline_lib.text.data.checkers import Checker
+from pipeline_lib.text.data.task_data import TaskData, copy_task_meta, read_task, task_digest
+from pipeline_lib.text.data.tasks import Example
 from pipeline_lib.text.data.tokenizer import SpecialTokens, load_tokenizer
 from pipeline_lib.text.models.objectives import resolve_objective
 from pipeline_lib.text.models.saved import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, exported, lm_config, load_lm
 from pipeline_lib.text.models.transformer import TransformerLM, grow_vocab
 from pipeline_lib.text.pretrain import LMTrainer, build_lm
-from pipeline_lib.text.rollout import EOS, ROLE, check_fits, encode_examples, prompt_length, task_tokenizer
+from pipeline_lib.text.rollout import (
+    EOS,
+    ROLE,
+    check_fits,
+    default_block_length,
+    encode_examples,
+    prompt_length,
+    task_tokenizer,
+)
 
 
 class SFTTrainer(LMTrainer):
     """The language-model trainer on task rows: `Batch.inputs` holds (b, 2, T) int64, the ids and their `ROLE`s;
-    the objective's strategy turns them into its SFT loss."""
+    the objective's strategy turns them into its SFT loss.
+
+    With `early_stop`, training ends at the first of its checks that reaches its target; each check is logged as
+    `holdout_accuracy`.
+    """
 
     stage = "text_sft"
+
+    def __init__(self, *args: Any, early_stop: EarlyStop | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.early_stop = early_stop
+        self.checks: list[tuple[int, float]] = []  # (step, holdout exact match) of each check
 
     def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
         ids, roles = batch.inputs[:, 0], batch.inputs[:, 1]  # (b, T) each
         return self.strategy.sft_loss(self.forward_model, batch, ids, key_mask=roles != ROLE.PAD,
                                       answer=roles == ROLE.ANSWER, response=roles >= ROLE.ANSWER,
                                       mask_id=self.mask_id, eps=self.mdm_eps)
+
+    def should_stop(self, step: int) -> bool:
+        if self.early_stop is None or (step + 1) % self.early_stop.every:
+            return False
+        accuracy = self.early_stop.score(exported(self.model))
+        self.model.train()
+        self.checks.append((step + 1, accuracy))
+        if dist.is_main():
+            self.tracker.log_metrics({"holdout_accuracy": accuracy}, step=step + 1)
+        return accuracy >= self.early_stop.target
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """SFT's stop at the edge of competence (`text_sft.stop_at_accuracy`): every `every` steps `score` gives the
+    model's greedy exact match on the held-out examples; training ends at the first that reaches `target`."""
+
+    score: Callable[[TransformerLM], float]
+    target: float
+    every: int
+
+
+def holdout_split(examples: Sequence[Example], cfg: TextSFTParams) -> tuple[list[Example], list[Example]]:
+    """(trained, held out): the last `text_sft.holdout` train examples are held out when SFT stops early, none
+    otherwise."""
+    cut = len(examples) - (cfg.holdout if cfg.stop_at_accuracy is not None else 0)
+    return list(examples[:cut]), list(examples[cut:])
+
+
+def early_stop(cfg: TextSFTParams, held_out: Sequence[Example], objective: str, tokenizer: SpecialTokens,
+               checker: Checker, task: dict[str, Any]) -> EarlyStop | None:
+    """The early stop of `text_sft.stop_at_accuracy` on the held-out examples (greedy, as the registered task
+    model answers: `mdm` in blocks of `rollout.default_block_length`), or None without one."""
+    from pipeline_lib.text.task_evaluate import greedy_accuracy
+
+    if cfg.stop_at_accuracy is None:
+        return None
+    return EarlyStop(lambda model: greedy_accuracy(model, objective, tokenizer, held_out, checker, task,
+                                                   block_length=default_block_length(task)),
+                     cfg.stop_at_accuracy, cfg.check_every)
+
 
 
 @dataclass(frozen=True)
@@ -103,7 +165,7 @@ def check_inputs(params: TextParams, paths: SFTPaths, objective: str) -> None:
     from the task files, config.json and tokenizer.json (no weights): the longest prompt plus
     `text_task.answer_tokens` fits the model's context (`rollout.check_fits`), every train completion fits
     `text_task.answer_tokens` (`rollout.encode_examples`), and `text_sft.batch_size` fits the train split (and
-    the processes).
+    the processes) after the held-out examples of the early stop.
 
     Raises:
         ConfigError: naming the key; FileNotFoundError, ValueError: missing or wrong inputs.
@@ -120,7 +182,13 @@ def check_inputs(params: TextParams, paths: SFTPaths, objective: str) -> None:
                          max_len)
     encode_examples(data.splits["train"], tokenizer, prompt_len=layout["prompt_len"],
                     answer_tokens=layout["answer_tokens"], split="train")
-    check_batch_size(params.text_sft, len(data.splits["train"]), "train examples")
+    trained, _ = holdout_split(data.splits["train"], params.text_sft)
+    cfg, train = params.text_sft, len(data.splits["train"])
+    if len(trained) < cfg.batch_size:
+        raise ConfigError(f"text_sft.holdout={cfg.holdout}: leaves {len(trained)} of the {train} train examples to "
+                          f"train on, fewer than text_sft.batch_size={cfg.batch_size} (accepted: at most "
+                          f"{train - cfg.batch_size})")
+    check_batch_size(cfg, len(trained), "train examples (the held-out ones left out)")
 
 
 def start_model(params: TextParams, paths: SFTPaths, objective: str) -> tuple[TransformerLM, SpecialTokens]:
@@ -144,25 +212,39 @@ def task_layout(task_prompts: list[str], tokenizer: SpecialTokens, params: TextP
             "answer_tokens": params.text_task.answer_tokens}
 
 
+def sft_trainer(params: TextParams, model: TransformerLM, tokenizer: SpecialTokens, data: TaskData, objective: str,
+                **kwargs: Any) -> tuple[SFTTrainer, dict[str, Any]]:
+    """The SFT trainer of a task model on the train split (its last `text_sft.holdout` examples held out for the
+    early stop when `text_sft.stop_at_accuracy` is set) and the task layout its config records; `kwargs` are the
+    base trainer's (device, seed, checkpoint_dir, tracker, fingerprint)."""
+    cfg = params.text_sft
+    prompts = [example.prompt for split in data.splits.values() for example in split]
+    layout = task_layout(prompts, tokenizer, params, model.max_len)
+    trained, held_out = holdout_split(data.splits["train"], cfg)
+    rows = encode_examples(trained, tokenizer, prompt_len=layout["prompt_len"], answer_tokens=layout["answer_tokens"],
+                           split="train")
+    stacked = np.stack([rows.ids, rows.roles.astype(np.int64)], axis=1)  # (N, 2, T)
+    stop = early_stop(cfg, held_out, objective, tokenizer, data.checker, layout)
+    trainer = SFTTrainer(model, cfg, stacked, objective=objective, mdm_eps=cfg.mdm_eps, early_stop=stop, **kwargs)
+    return trainer, layout
+
+
 def run_text_sft(params: TextParams, paths: SFTPaths, objective: str, tracker: Tracker,
                  device: torch.device) -> dict[str, Any]:
     """Finetune (resuming a matching checkpoint); rank 0 writes the model folder, metrics and loss curve."""
     data = read_task(paths.task)
     model, tokenizer = start_model(params, paths, objective)
-    prompts = [example.prompt for split in data.splits.values() for example in split]
-    layout = task_layout(prompts, tokenizer, params, model.max_len)
-    rows = encode_examples(data.splits["train"], tokenizer, prompt_len=layout["prompt_len"],
-                           answer_tokens=layout["answer_tokens"], split="train")
-    stacked = np.stack([rows.ids, rows.roles.astype(np.int64)], axis=1)  # (N, 2, T)
-    trainer = SFTTrainer(model, params.text_sft, stacked, objective=objective,
-                         mdm_eps=params.text_sft.mdm_eps, device=device, seed=params.seed,
-                         checkpoint_dir=paths.checkpoints, tracker=tracker,
-                         fingerprint=fingerprint(params, paths, objective))
+    trainer, layout = sft_trainer(params, model, tokenizer, data, objective, device=device, seed=params.seed,
+                                  checkpoint_dir=paths.checkpoints, tracker=tracker,
+                                  fingerprint=fingerprint(params, paths, objective))
     init = "pretrained" if paths.pretrained else "scratch"
+    cfg = params.text_sft
     if dist.is_main():
-        print(f"text_sft: {objective} from {init} on {len(stacked)} {data.meta['kind']} examples of "
-              f"{stacked.shape[-1]} tokens, {trainer.total_steps} steps, lr {trainer.lr:.2e}, "
-              f"{dist.world_size()} process(es) on {device}")
+        stop = ("" if trainer.early_stop is None else f", stopping at the first check of {cfg.holdout} held-out "
+                f"examples (every {cfg.check_every} steps) with exact match >= {cfg.stop_at_accuracy}")
+        print(f"text_sft: {objective} from {init} on {len(trainer.inputs)} {data.meta['kind']} examples of "
+              f"{trainer.inputs.shape[-1]} tokens, {trainer.total_steps} steps, lr {trainer.lr:.2e}, "
+              f"{dist.world_size()} process(es) on {device}{stop}")
     started = time.perf_counter()
     result = trainer.fit()
     if not dist.is_main():
@@ -171,6 +253,9 @@ def run_text_sft(params: TextParams, paths: SFTPaths, objective: str, tracker: T
     summary = {"loss": last.get("loss", float("nan")), "steps": result.steps,
                "examples_per_second": result.samples_per_second, "resumed_from_step": result.resumed_from,
                "train_seconds": round(time.perf_counter() - started, 2)}
+    if trainer.early_stop is not None:
+        summary.update(stopped_early=trainer.stopped_at is not None,
+                       holdout_accuracy=trainer.checks[-1][1] if trainer.checks else None)
     config = {**layout, "checker": data.checker_name, "kind": data.meta["kind"], "init": init}
     write_outputs(params, paths, objective, trainer, tokenizer, config, summary, tracker)
     return summary
@@ -219,7 +304,7 @@ def register_task_model(params: TextParams, folder: Path, tracker: Tracker, task
     prompt = json.loads((folder / "task.json").read_text())["examples"]["test"][0]
     defaults = {**LanguageModel.default_params(task["prompt_len"] + task["answer_tokens"]),
                 "max_new_tokens": task["answer_tokens"],
-                "block_length": max(1, task["answer_tokens"] // 2), "temperature": 0.0}
+                "block_length": default_block_length(task), "temperature": 0.0}
     return register_model(LanguageModel(), folder, name=name, kind=task_model_kind(objective), artifact_name="lm",
                           input_example=[prompt], inference_params=defaults, tags=tracker.lineage,
                           description=task_model_description(name, objective), headline=headline,

@@ -32,7 +32,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ from pipeline_lib.core.grpo import GRPOTrainer, LogProbs, Policy, Rollout, unwra
 from pipeline_lib.core.outputs import staged_dir
 from pipeline_lib.core.registry import model_uri
 from pipeline_lib.core.tracking import Tracker, upstream_model, write_json_atomic, write_run_record
-from pipeline_lib.core.trainer import Batch, check_batch_size, step_seed
+from pipeline_lib.core.trainer import Batch, Trainer, check_batch_size, step_seed
 from pipeline_lib.text.config import TextParams, TextRLParams
 from pipeline_lib.text.data.checkers import Checker
 from pipeline_lib.text.data.task_data import copy_task_meta, read_task, task_digest
@@ -57,10 +57,11 @@ from pipeline_lib.text.data.tasks import Example
 from pipeline_lib.text.data.tokenizer import SpecialTokens
 from pipeline_lib.text.finetune import register_task_model, save_task_model, weights_digest
 from pipeline_lib.text.models.moe import ExpertBalancer
+from pipeline_lib.text.models.objectives import resolve_objective
 from pipeline_lib.text.models.saved import CONFIG_FILE, load_lm
 from pipeline_lib.text.models.transformer import TransformerLM
 from pipeline_lib.text.rewards import REWARDS, accuracy_reward
-from pipeline_lib.text.rollout import complete, completion_mask, decode_completions, encode_prompts
+from pipeline_lib.text.rollout import ROLE, complete, completion_mask, decode_completions, encode_prompts
 from pipeline_lib.text.task_evaluate import completions_of
 
 PROBE_PROMPTS = 64
@@ -75,35 +76,38 @@ def reward_of(cfg: TextRLParams, text: str, example: Example, checker: Checker) 
     return REWARDS[cfg.reward](text, example, checker, cfg.format_score)
 
 
-def completion_log_probs(logits: Tensor, completions: Tensor) -> tuple[Tensor, Tensor]:
-    """(n, A, V) logits at the completion positions -> the completion tokens' log-probs (n, A) and the entropy of
-    the model's distribution there (n, A)."""
-    log_probs = F.log_softmax(logits.float(), dim=-1)  # (n, A, V)
+def completion_log_probs(logits: Tensor, completions: Tensor, *, temperature: float) -> tuple[Tensor, Tensor]:
+    """(n, A, V) logits at the completion positions -> the completion tokens' log-probs (n, A) under the
+    distribution the sampler draws from, softmax(logits / temperature), and its entropy there (n, A)."""
+    log_probs = F.log_softmax(logits.float() / temperature, dim=-1)  # (n, A, V)
     entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
     return log_probs.gather(-1, completions.unsqueeze(-1)).squeeze(-1), entropy
 
 
-def ar_token_logps(model: nn.Module, prompt_ids: Tensor, real: Tensor, completions: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact per-token log-probs (n, A) of `completions` after left-padded prompts (n, P) with key mask `real`, and
-    the entropy at those positions: one teacher-forced pass over prompt + completion."""
+def ar_token_logps(model: nn.Module, prompt_ids: Tensor, real: Tensor, completions: Tensor, *,
+                   temperature: float) -> tuple[Tensor, Tensor]:
+    """Exact per-token log-probs (n, A) of `completions` after left-padded prompts (n, P) with key mask `real` at
+    the sampling `temperature`, and the entropy at those positions: one teacher-forced pass over prompt +
+    completion."""
     P = prompt_ids.shape[1]
     key_mask = torch.cat([real, torch.ones_like(completions, dtype=torch.bool)], dim=1)
     sequence = torch.cat([prompt_ids, completions], dim=1)  # (n, P + A)
     logits = model(sequence[:, :-1], key_mask=key_mask[:, :-1])[:, P - 1 :]  # predictions of the A tokens
-    return completion_log_probs(logits, completions)
+    return completion_log_probs(logits, completions, temperature=temperature)
 
 
 def mdm_token_logps(model: nn.Module, prompt_ids: Tensor, real: Tensor, completions: Tensor, *, mask_id: int,
-                    prompt_mask_prob: float, mask_seed: int) -> tuple[Tensor, Tensor]:
-    """d1's one-pass estimate of the per-token log-probs (n, A) of `completions`, and the entropy there: the whole
-    completion masked, each real prompt token masked with `prompt_mask_prob` (the mask drawn from `mask_seed`)."""
+                    prompt_mask_prob: float, mask_seed: int, temperature: float) -> tuple[Tensor, Tensor]:
+    """d1's one-pass estimate of the per-token log-probs (n, A) of `completions` at the sampling `temperature`, and
+    the entropy there: the whole completion masked, each real prompt token masked with `prompt_mask_prob` (the
+    mask drawn from `mask_seed`)."""
     P = prompt_ids.shape[1]
     key_mask = torch.cat([real, torch.ones_like(completions, dtype=torch.bool)], dim=1)
     generator = torch.Generator().manual_seed(mask_seed)
     hidden = (torch.rand(prompt_ids.shape, generator=generator) < prompt_mask_prob).to(prompt_ids.device) & real
     sequence = torch.cat([prompt_ids.masked_fill(hidden, mask_id), torch.full_like(completions, mask_id)], dim=1)
     logits = model(sequence, key_mask=key_mask)[:, P:]
-    return completion_log_probs(logits, completions)
+    return completion_log_probs(logits, completions, temperature=temperature)
 
 
 class TextPolicy(Policy):
@@ -203,15 +207,19 @@ class ARPolicy(TextPolicy):
 
     def token_logps(self, model: nn.Module, prompt_ids: Tensor, real: Tensor, completions: Tensor,
                     samples: dict[str, Any], iteration: int) -> tuple[Tensor, Tensor]:
-        return ar_token_logps(model, prompt_ids, real, completions)
+        return ar_token_logps(model, prompt_ids, real, completions, temperature=self.cfg.temperature)
 
 
 class MDMPolicy(TextPolicy):
     """A masked diffusion task model: d1's one-pass estimate, under a new prompt mask at each update of a batch
-    (drawn from `mask_seeds`, so the old policy's and the reference's log-probs of that update use the same one)."""
+    (drawn from `mask_seeds`, so the old policy's and the reference's log-probs of that update use the same one);
+    with `prompt_mask_prob` 0 the estimate is the same at every update."""
 
     objective = "mdm"
-    varies_by_iteration = True
+
+    def __init__(self, cfg: TextRLParams, *args: Any, **kwargs: Any) -> None:
+        super().__init__(cfg, *args, **kwargs)
+        self.varies_by_iteration = cfg.prompt_mask_prob > 0
 
     def sample(self, model: nn.Module, batch: Batch) -> Rollout:
         rollout = super().sample(model, batch)
@@ -223,24 +231,106 @@ class MDMPolicy(TextPolicy):
                     samples: dict[str, Any], iteration: int) -> tuple[Tensor, Tensor]:
         return mdm_token_logps(model, prompt_ids, real, completions, mask_id=unwrap(model).mask_id,
                                prompt_mask_prob=self.cfg.prompt_mask_prob,
-                               mask_seed=int(samples["mask_seeds"][iteration]))
+                               mask_seed=int(samples["mask_seeds"][iteration]), temperature=self.cfg.temperature)
 
 
 POLICIES: dict[str, type[TextPolicy]] = {"ar": ARPolicy, "mdm": MDMPolicy}
 
 
-def grpo_trainer(model: TransformerLM, cfg: TextRLParams, prompt_ids: np.ndarray, real: np.ndarray,
+class NoAcceptedCompletions(ValueError):
+    """RFT was asked to train on a batch in which the checker accepted no completion."""
+
+
+def completion_rows(prompt_ids: Tensor, real: Tensor, completions: Tensor, eos_id: int) -> tuple[Tensor, Tensor]:
+    """Left-padded prompts (n, P) with key mask `real` and their completions (n, A) -> SFT rows (n, P + A) and their
+    `ROLE`s: padding, prompt, the completion up to its first ``<eos>`` (answer) and the fill after it, as
+    `rollout.encode_examples` lays out a labelled example."""
+    prompt_roles = torch.where(real, ROLE.PROMPT, ROLE.PAD)
+    completion_roles = torch.where(completion_mask(completions, eos_id), ROLE.ANSWER, ROLE.FILL)
+    return torch.cat([prompt_ids, completions], dim=1), torch.cat([prompt_roles, completion_roles], dim=1)
+
+
+class RFTTrainer(Trainer[TextRLParams]):
+    """Rejection-sampling finetuning (RFT, expert iteration), GRPO's control at the same sample budget.
+
+    Each step takes the same `batch_size` rl prompts as GRPO, samples `group_size` completions of each from the
+    current model with the policy's sampler, keeps those the checker accepts and takes one step of the objective's
+    SFT loss on them (`Objective.sft_loss`: the completion tokens for `ar`, LLaDA's SFT with the prompt never
+    masked for `mdm`). References: Yuan et al. 2023, "Scaling Relationship on Learning Mathematical Reasoning with
+    Large Language Models" (RFT, https://arxiv.org/abs/2308.01825); Anthony et al. 2017, expert iteration.
+
+    Raises:
+        NoAcceptedCompletions: a micro-batch with no accepted completion (nothing to finetune on), naming the step.
+    """
+
+    def __init__(self, model: TransformerLM, cfg: TextRLParams, inputs: np.ndarray, *, policy: TextPolicy,
+                 mdm_eps: float, **kwargs: Any) -> None:
+        super().__init__(model, cfg, inputs, hooks=[ExpertBalancer(model)], **kwargs)
+        self.policy, self.stage, self.unit = policy, cfg.section, policy.unit
+        self.strategy, self.mdm_eps = resolve_objective(policy.objective), mdm_eps
+
+    def train_mode(self) -> None:
+        self.model.eval()  # as GRPO: the model that samples is the model that is updated
+
+    def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
+        samples = self.policy.sample(self.forward_model, batch).samples
+        accepted = samples["right"].bool()  # (b * G,)
+        if not accepted.any():
+            raise NoAcceptedCompletions(
+                f"{self.stage}: step {batch.step + 1}: the checker accepted none of the {accepted.numel()} "
+                f"completions ({len(batch.inputs)} prompts x text_rl.group_size={self.cfg.group_size}), so RFT has "
+                "nothing to finetune on; start from a model that solves some rl prompts, or raise "
+                "text_rl.group_size or text_rl.batch_size")
+        prompt_ids, real = self.policy.prompts(batch)
+        ids, roles = completion_rows(prompt_ids[accepted], real[accepted], samples["completions"][accepted],
+                                     self.policy.task["eos_id"])
+        kept = int(accepted.sum())  # the SFT rows of this micro-batch: their mdm masks come from the step's seed
+        rows = Batch(ids, None, slice(0, kept), kept, torch.Generator().manual_seed(batch.generator.initial_seed()),
+                     batch.step)
+        out = self.strategy.sft_loss(self.forward_model, rows, ids, key_mask=roles != ROLE.PAD,
+                                     answer=roles == ROLE.ANSWER, response=roles >= ROLE.ANSWER,
+                                     mask_id=unwrap(self.model).mask_id, eps=self.mdm_eps)
+        rewards = self.policy.rewards(batch, samples)
+        group_std = rewards.std(dim=1)
+        return {**out, "reward": rewards.mean(), "reward_std": group_std.mean(),
+                "frac_reward_zero_std": (group_std == 0).float().mean(),
+                **self.policy.metrics(batch, samples, LogProbs(rewards))}
+
+
+Method = Callable[..., Trainer[TextRLParams]]
+
+
+def _grpo(shuffle: bool) -> Method:
+    def build(model: TransformerLM, cfg: TextRLParams, policy: TextPolicy, *, reference: TransformerLM,
+              mdm_eps: float, **kwargs: Any) -> Trainer[TextRLParams]:
+        return GRPOTrainer(model, cfg, np.arange(len(policy.examples)), policy=policy, reference=reference,
+                           shuffle_rewards=shuffle, hooks=[ExpertBalancer(model)], **kwargs)
+    return build
+
+
+def _rft(model: TransformerLM, cfg: TextRLParams, policy: TextPolicy, *, reference: TransformerLM,
+         mdm_eps: float, **kwargs: Any) -> Trainer[TextRLParams]:
+    return RFTTrainer(model, cfg, np.arange(len(policy.examples)), policy=policy, mdm_eps=mdm_eps, **kwargs)
+
+
+# `text_rl.method` -> the trainer: GRPO, and its two controls at the same prompts, group size and steps.
+METHODS: dict[str, Method] = {"grpo": _grpo(shuffle=False), "shuffled": _grpo(shuffle=True), "rft": _rft}
+METHOD_NAMES = {"grpo": "GRPO", "shuffled": "GRPO on shuffled rewards", "rft": "RFT"}
+
+
+def post_trainer(model: TransformerLM, cfg: TextRLParams, prompt_ids: np.ndarray, real: np.ndarray,
                  examples: Sequence[Example], *, reference: TransformerLM, objective: str, tokenizer: SpecialTokens,
-                 checker: Checker, task: dict[str, Any], tracker: Tracker, **kwargs: Any) -> GRPOTrainer[TextRLParams]:
-    """GRPO of a task model on the rl prompts with the policy of its objective (`POLICIES`), anchored to
-    `reference`, the frozen SFT model; `kwargs` are the base trainer's. The model's mixture-of-experts layers, if
-    any, keep their balance (`ExpertBalancer`)."""
+                 checker: Checker, task: dict[str, Any], tracker: Tracker, mdm_eps: float = 1.0e-3,
+                 **kwargs: Any) -> Trainer[TextRLParams]:
+    """The trainer of `text_rl.method` (`METHODS`) for a task model on the rl prompts, with the policy of its
+    objective (`POLICIES`); GRPO is anchored to `reference`, the frozen SFT model; RFT's `mdm` SFT loss masks with
+    at least `mdm_eps` (`text_sft.mdm_eps`); `kwargs` are the base trainer's. The model's mixture-of-experts
+    layers, if any, keep their balance (`ExpertBalancer`)."""
     if objective not in POLICIES:
         raise ValueError(f"objective={objective!r}: expected one of {sorted(POLICIES)}")
     policy = POLICIES[objective](cfg, prompt_ids, real, examples, tokenizer=tokenizer, checker=checker, task=task,
                                  tracker=tracker)
-    return GRPOTrainer(model, cfg, np.arange(len(examples)), policy=policy, reference=reference, tracker=tracker,
-                       hooks=[ExpertBalancer(model)], **kwargs)
+    return METHODS[cfg.method](model, cfg, policy, reference=reference, mdm_eps=mdm_eps, tracker=tracker, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -324,8 +414,8 @@ def check_inputs(params: TextParams, paths: TextRLPaths, objective: str) -> None
 
 def run_text_rl(params: TextParams, paths: TextRLPaths, objective: str, tracker: Tracker,
                 device: torch.device) -> dict[str, Any]:
-    """Post-train the SFT model with GRPO on the rl split (resuming a matching checkpoint); rank 0 writes the
-    model, the curves and the metrics, and registers the model."""
+    """Post-train the SFT model on the rl split with `text_rl.method` (resuming a matching checkpoint); rank 0 writes
+    the model, the curves and the metrics, and registers the model."""
     cfg = params.text_rl
     data = read_task(paths.task)
     model, tokenizer, config = load_lm(paths.sft, device)
@@ -337,14 +427,16 @@ def run_text_rl(params: TextParams, paths: TextRLPaths, objective: str, tracker:
     if train:
         check_signal(probe, cfg)
     ids, real = encode_prompts([e.prompt for e in examples], tokenizer, task["prompt_len"])
-    trainer = grpo_trainer(model, cfg, ids, real, examples, reference=copy.deepcopy(model), objective=objective,
+    trainer = post_trainer(model, cfg, ids, real, examples, reference=copy.deepcopy(model), objective=objective,
                            tokenizer=tokenizer, checker=data.checker, task=task, tracker=tracker, device=device,
+                           mdm_eps=params.text_sft.mdm_eps,
                            seed=params.seed, checkpoint_dir=paths.checkpoints,
                            fingerprint=fingerprint(params, paths, objective))
     signal = (f"probe pass rate {probe['pass_rate']:.3f}, {1 - probe['frac_reward_zero_std']:.0%} of "
               f"{probe['prompts']} groups with signal")
     if dist.is_main():
-        print(f"text_rl: GRPO of {objective} on {len(examples)} rl prompts, G={cfg.group_size}, reward {cfg.reward}, "
+        print(f"text_rl: {METHOD_NAMES[cfg.method]} of {objective} on {len(examples)} rl prompts, G={cfg.group_size}, "
+              f"reward {cfg.reward}, "
               + (f"{trainer.total_steps} steps, lr {trainer.lr:.2e}; {signal}" if train else
                  f"not trained: {signal}, below text_rl.min_signal={cfg.min_signal}; the SFT weights pass through"))
     started = time.perf_counter()
@@ -384,8 +476,9 @@ def write_outputs(params: TextParams, paths: TextRLPaths, objective: str, traine
     first, last = summary["first"], summary["last"]
     version = register_task_model(
         params, paths.out, tracker, config["task"], objective=objective,
-        headline=f"GRPO reward on the rl batches {first.get('reward', float('nan')):.3f} -> "
-                 f"{last.get('reward', float('nan')):.3f} in {summary['steps']} steps (text_rl@{objective}); "
+        headline=f"{METHOD_NAMES[params.text_rl.method]} reward on the rl batches "
+                 f"{first.get('reward', float('nan')):.3f} -> {last.get('reward', float('nan')):.3f} in "
+                 f"{summary['steps']} steps (text_rl@{objective}); "
                  "text_task_evaluate replaces this line with the test exact match",
         started_from=model_uri(sft["model_name"], sft["model_version"]))
     write_run_record(paths.out / "run.json", tracker, objective=objective,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -138,6 +139,13 @@ def complete(model: TransformerLM, objective: str, prompt_ids: Tensor, key_mask:
                                                 block_length=block_length, generator=generator, key_mask=key_mask)
     completions = out[:, prompt_ids.shape[1]:]
     return completions.masked_fill(~completion_mask(completions, eos_id), eos_id)
+
+
+def default_block_length(task: dict[str, Any]) -> int:
+    """The block length a task model's greedy answers use unless told otherwise (the registered model, SFT's early
+    stop): half the answer region, so that the masked model does not commit the ``<eos>`` fill, its surest
+    positions, before the answer's digits."""
+    return max(1, task["answer_tokens"] // 2)
 
 
 def completion_mask(completions: Tensor, eos_id: int) -> Tensor:

@@ -1,12 +1,18 @@
-"""Scoring task models on a split: exact-match accuracy of greedy completions, format rate and pass@k.
+"""Scoring task models on a split: greedy exact match, what sampling gives (pass@k, majority vote) and format.
 
-- `accuracy`: the share of prompts whose greedy completion (AR: argmax each token; MDM: LLaDA's low-confidence
-  sampler at temperature 0) is well formed and right by the task's checker (`rewards.text.accuracy_reward`).
-- `format_rate`: the share of greedy completions that are well formed (`rewards.text.format_ok`).
-- `pass_at_k`: from n = `pass_k` samples per prompt at `temperature`, the unbiased estimator of Chen et al.
-  2021 ("Evaluating Large Language Models Trained on Code", https://arxiv.org/abs/2107.03374, equation 1),
-  1 - C(n - c, k) / C(n, k) averaged over prompts, with c the right samples; for k = n it is the share of
-  prompts with at least one right sample. `pass_at_1` is the same estimator at k = 1, the mean sampled accuracy.
+From the greedy completion of each prompt (AR: argmax each token; MDM: LLaDA's low-confidence sampler at
+temperature 0) and n = `pass_k` samples at `temperature`, with k = 1, 2, 4, ... up to n (`sample_ks`):
+
+- `accuracy`: the share of prompts whose greedy completion is well formed and right by the task's checker
+  (`rewards.accuracy_reward`); `format_rate`: the share of greedy completions that are well formed.
+- `pass_at_<k>`: the unbiased estimator of Chen et al. 2021 ("Evaluating Large Language Models Trained on Code",
+  https://arxiv.org/abs/2107.03374, equation 1), 1 - C(n - c, k) / C(n, k) averaged over prompts, with c the right
+  samples. `pass_at_1` is the mean sampled accuracy, what GRPO's expected reward counts; `pass_at_<n>` the share
+  of prompts with at least one right sample.
+- `maj_at_<k>`: majority vote (self-consistency, Wang et al. 2022, https://arxiv.org/abs/2203.11171): the n
+  samples cut into n / k disjoint runs of k, each run answers with its most frequent well-formed answer (the
+  first seen among ties), scored as right or wrong, averaged over runs and prompts. `maj_at_1` is `pass_at_1`.
+- `sampled_format_rate`: the share of samples that are well formed, apart from being right.
 - `mean_completion_chars`: characters of the greedy completions (before ``<eos>``).
 """
 
@@ -25,7 +31,7 @@ import torch
 from pipeline_lib.core.registry import annotate
 from pipeline_lib.core.tracking import Tracker, read_run_record
 from pipeline_lib.text.config import TextParams
-from pipeline_lib.text.data.checkers import Checker
+from pipeline_lib.text.data.checkers import Checker, extract_answer, format_ok
 from pipeline_lib.text.data.task_data import read_task
 from pipeline_lib.text.data.tasks import Example
 from pipeline_lib.text.data.tokenizer import Tokenizer
@@ -54,6 +60,38 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def sample_ks(n: int) -> list[int]:
+    """The k of pass@k and maj@k from n samples: the powers of 2 below n, and n.
+
+    Examples:
+        >>> sample_ks(16), sample_ks(6), sample_ks(1)
+        ([1, 2, 4, 8, 16], [1, 2, 4, 6], [1])
+    """
+    return [2**i for i in range(n.bit_length()) if 2**i < n] + [n]
+
+
+def majority_right(texts: Sequence[str], example: Example, checker: Checker) -> bool:
+    """Whether the most frequent well-formed answer among `texts` (the first seen among ties) is right; False when
+    none is well formed."""
+    answers = [extract_answer(text) for text in texts if format_ok(text)]
+    if not answers:
+        return False
+    counts: dict[str, int] = {}
+    for answer in answers:
+        counts[answer] = counts.get(answer, 0) + 1
+    voted = max(counts, key=counts.__getitem__)  # dicts keep insertion order: the first seen wins a tie
+    return bool(checker(voted, example))
+
+
+def maj_at_k(texts: Sequence[str], example: Example, checker: Checker, k: int) -> float:
+    """Majority vote over k samples, averaged over the len(texts) // k disjoint runs of k (see the module
+    docstring)."""
+    if not 1 <= k <= len(texts):
+        raise ValueError(f"need 1 <= k={k} <= {len(texts)} samples")
+    runs = [texts[start : start + k] for start in range(0, len(texts) - k + 1, k)]
+    return float(np.mean([majority_right(run, example, checker) for run in runs]))
+
+
 @torch.no_grad()
 def completions_of(model: TransformerLM, objective: str, tokenizer: Tokenizer, prompts: Sequence[str],
                    task: dict[str, Any], *, temperature: float, block_length: int, samples: int,
@@ -76,11 +114,20 @@ def completions_of(model: TransformerLM, objective: str, tokenizer: Tokenizer, p
     return texts
 
 
+def greedy_accuracy(model: TransformerLM, objective: str, tokenizer: Tokenizer, examples: Sequence[Example],
+                    checker: Checker, task: dict[str, Any], *, block_length: int) -> float:
+    """Exact match of the greedy completions of `examples` (`accuracy` of `evaluate_task_model`, without samples)."""
+    texts = completions_of(model, objective, tokenizer, [example.prompt for example in examples], task,
+                           temperature=0.0, block_length=block_length, samples=1, seed=0)
+    return float(np.mean([accuracy_reward(group[0], example, checker) for group, example in
+                          zip(texts, examples, strict=True)]))
+
+
 def evaluate_task_model(model: TransformerLM, objective: str, tokenizer: Tokenizer, examples: Sequence[Example],
                         checker: Checker, task: dict[str, Any], *, pass_k: int, temperature: float,
                         block_length: int, seed: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Greedy accuracy, format rate, pass@k and pass@1 on `examples`; and a row per example (prompt, answer,
-    greedy completion, whether it is right, right samples)."""
+    """The module docstring's metrics on `examples`; and a row per example (prompt, answer, greedy completion,
+    whether it is right, right samples)."""
     prompts = [example.prompt for example in examples]
     options = {"block_length": block_length}
     greedy = [texts[0] for texts in completions_of(model, objective, tokenizer, prompts, task, temperature=0.0,
@@ -90,11 +137,14 @@ def evaluate_task_model(model: TransformerLM, objective: str, tokenizer: Tokeniz
     right = np.array([accuracy_reward(text, example, checker) for text, example in zip(greedy, examples, strict=True)])
     counts = [int(sum(accuracy_reward(text, example, checker) for text in texts))
               for texts, example in zip(sampled, examples, strict=True)]
+    ks = sample_ks(pass_k)
     metrics = {
         "accuracy": float(right.mean()),
         "format_rate": float(np.mean([format_reward(text) for text in greedy])),
-        f"pass_at_{pass_k}": float(np.mean([pass_at_k(pass_k, c, pass_k) for c in counts])),
-        "pass_at_1": float(np.mean([pass_at_k(pass_k, c, 1) for c in counts])),
+        **{f"pass_at_{k}": float(np.mean([pass_at_k(pass_k, c, k) for c in counts])) for k in ks},
+        **{f"maj_at_{k}": float(np.mean([maj_at_k(texts, example, checker, k)
+                                          for texts, example in zip(sampled, examples, strict=True)])) for k in ks},
+        "sampled_format_rate": float(np.mean([format_reward(text) for texts in sampled for text in texts])),
         "mean_completion_chars": float(np.mean([len(text) for text in greedy])),
     }
     rows = [{"prompt": example.prompt, "answer": example.answer, "greedy": text, "right": bool(ok),

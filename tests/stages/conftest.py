@@ -167,8 +167,9 @@ def _toy_text_track(params: dict[str, Any]) -> None:
     params["text_pretrain"].update(epochs=1, batch_size=64, warmup_epochs=0.0, mtp_depth=1)
     params["text_evaluate"].update(mdm_samples=1, prompt_tokens=8, sample_tokens=16, block_length=8)
     params["text_task"].update(digits=1, train_size=40, rl_size=16, test_size=16, answer_tokens=6)
-    params["text_sft"].update(epochs=10, batch_size=8, base_lr=1.0, warmup_epochs=0.0, log_every=5)
+    params["text_sft"].update(epochs=10, batch_size=8, base_lr=1.0, warmup_epochs=0.0, log_every=5, holdout=8,
+                              check_every=5)  # the early stop's checks run (a toy model rarely reaches the target)
     params["text_rl"].update(epochs=1, batch_size=4, group_size=4, block_length=6, log_every=1, samples_every=2,
                              min_signal=0.0)  # the toy GRPO trains whatever its probe finds
-    params["text_task_evaluate"].update(pass_k=2, block_length=6)
+    params["text_task_evaluate"].update(pass_k=16, block_length=6)  # the report reads k up to 16
     params["text_curve"].update(ar_epochs=1, mdm_epochs=1, points=2)

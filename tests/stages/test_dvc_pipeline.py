@@ -56,7 +56,7 @@ def test_repro_fills_the_default_store_and_every_metric(toy_project: Path) -> No
     shown = _run(repo, "dvc", "metrics", "show")
     for key in ("ssl.top1", "scratch.top1", "gain.top1", "encoder.knn_top1", "encoder.linear_probe_top1",
                 "post_trained.reward_greedy", "baselines.bayes_reference.reward_greedy", "metrics/text/ngram.json",
-                "rl_ar.accuracy", "scratch_mdm.pass_at_2", "gain.rl_mdm_over_sft"):
+                "rl_ar.accuracy", "scratch_mdm.pass_at_16", "scratch_mdm.maj_at_16", "gain.rl_mdm_over_sft"):
         assert key in shown, key
 
 
@@ -357,9 +357,12 @@ def _check_text_tasks(repo: Path) -> None:
     for objective in ("ar", "mdm"):
         for kind in ("sft", "scratch", "rl"):
             metrics = summary[f"{kind}_{objective}"]
-            assert {"accuracy", "format_rate", "pass_at_2", "pass_at_1"} <= set(metrics)
+            ks = (1, 2, 4, 8, 16)
+            assert {"accuracy", "format_rate", "sampled_format_rate", *(f"{m}_at_{k}" for m in ("pass", "maj")
+                                                                        for k in ks)} <= set(metrics)
             assert 0 <= metrics["accuracy"] <= metrics["format_rate"] <= 1
-            assert metrics["pass_at_1"] <= metrics["pass_at_2"]
+            assert [metrics[f"pass_at_{k}"] for k in ks] == sorted(metrics[f"pass_at_{k}"] for k in ks)
+            assert metrics["maj_at_1"] == pytest.approx(metrics["pass_at_1"])
         gain = summary["gain"]
         rl, sft = summary[f"rl_{objective}"], summary[f"sft_{objective}"]
         assert gain[f"rl_{objective}_over_sft"] == rl["accuracy"] - sft["accuracy"]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline_lib.core.errors import ConfigError
 from pipeline_lib.core.grpo import GRPOTrainer, group_advantages, grpo_loss, k3_kl
 from pipeline_lib.core.tracking import Tracker
 from pipeline_lib.params import params_from_dict
@@ -28,15 +29,19 @@ from pipeline_lib.text.losses import mdm_corrupt, sft_ar_loss, sft_mdm_loss
 from pipeline_lib.text.models.transformer import TransformerLM, grow_vocab
 from pipeline_lib.text.rewards import accuracy_reward, format_reward
 from pipeline_lib.text.rl import (
+    METHODS,
     POLICIES,
     ARPolicy,
     MDMPolicy,
+    NoAcceptedCompletions,
     NoLearningSignal,
+    RFTTrainer,
     ar_token_logps,
     check_signal,
+    completion_rows,
     enough_signal,
-    grpo_trainer,
     mdm_token_logps,
+    post_trainer,
     probe_signal,
     reward_of,
 )
@@ -50,7 +55,7 @@ from pipeline_lib.text.rollout import (
     encode_prompts,
     task_tokenizer,
 )
-from pipeline_lib.text.task_evaluate import evaluate_task_model, pass_at_k
+from pipeline_lib.text.task_evaluate import evaluate_task_model, maj_at_k, majority_right, pass_at_k, sample_ks
 
 TOKENIZER = task_tokenizer(CharTokenizer.fit("0123456789+=", vocab_size=0))
 EOS_ID = TOKENIZER.token_id(EOS)
@@ -96,7 +101,7 @@ def test_ar_token_logps_equal_teacher_forcing_on_each_unpadded_sequence() -> Non
     completions = complete(model, "ar", ids, real, answer_tokens=5, temperature=1.0, block_length=5, eos_id=EOS_ID,
                            generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logp, entropy = ar_token_logps(model, ids, real, completions)
+        logp, entropy = ar_token_logps(model, ids, real, completions, temperature=1.0)
     assert logp.shape == entropy.shape == completions.shape
     for row in range(len(PROMPTS)):
         prompt = ids[row][real[row]]  # (p,) without the padding
@@ -120,7 +125,7 @@ def test_mdm_token_logps_mask_the_completion_and_follow_the_seed() -> None:
     model = task_model("mdm", seed=2)
     ids, real, completions = left_padded_batch(PROMPTS * 4, completions_seed=3)
     P = ids.shape[1]
-    options = {"mask_id": model.mask_id}
+    options = {"mask_id": model.mask_id, "temperature": 1.0}
     seen, hook = recorded_inputs(model)
     try:
         with torch.no_grad():
@@ -233,6 +238,61 @@ def brute_pass_at_k(n: int, c: int, k: int) -> float:
     return sum(any(i < c for i in subset) for subset in subsets) / len(subsets)
 
 
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_ar_scores_completions_under_the_distribution_the_sampler_draws_from(temperature: float) -> None:
+    """The sampler draws each token from softmax(logits / T) of the prefix; the log-probs GRPO's ratio, KL and
+    gradient use are those of that distribution, not of softmax(logits)."""
+    model = task_model("ar", seed=5)
+    ids, real = (torch.from_numpy(a) for a in encode_prompts(PROMPTS, TOKENIZER, 6))
+    completions = complete(model, "ar", ids, real, answer_tokens=5, temperature=temperature, block_length=5,
+                           eos_id=EOS_ID, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logp, entropy = ar_token_logps(model, ids, real, completions, temperature=temperature)
+        sequence, key_mask = torch.cat([ids, completions], dim=1), torch.cat([real, torch.ones_like(real[:, :5])], 1)
+        for t in range(5):  # the sampler's own step: the last position's logits of the prefix, over T
+            prefix = ids.shape[1] + t
+            logits = model(sequence[:, :prefix], key_mask=key_mask[:, :prefix])[:, -1].double()
+            drawn_from = F.log_softmax(logits / temperature, dim=-1)  # (B, V)
+            expected = drawn_from.gather(1, completions[:, t : t + 1]).squeeze(1)
+            assert torch.allclose(logp[:, t].double(), expected, atol=1e-5), t
+            assert torch.allclose(entropy[:, t].double(), -(drawn_from.exp() * drawn_from).sum(-1), atol=1e-5), t
+            if temperature != 1.0:  # the untempered log-probs belong to another policy
+                assert not torch.allclose(logp[:, t].double(), F.log_softmax(logits, dim=-1).gather(
+                    1, completions[:, t : t + 1]).squeeze(1), atol=1e-3)
+
+
+def test_mdm_scores_the_masked_completion_at_the_sampling_temperature() -> None:
+    model = task_model("mdm", seed=6)
+    ids, real, completions = left_padded_batch(PROMPTS, completions_seed=4)
+    options = {"mask_id": model.mask_id, "prompt_mask_prob": 0.0, "mask_seed": 0}
+    with torch.no_grad():
+        cold, _ = mdm_token_logps(model, ids, real, completions, temperature=0.5, **options)
+        sequence = torch.cat([ids, torch.full_like(completions, model.mask_id)], dim=1)
+        key_mask = torch.cat([real, torch.ones_like(completions, dtype=torch.bool)], dim=1)
+        logits = model(sequence, key_mask=key_mask)[:, ids.shape[1] :].double()  # the sampler's first step
+    expected = F.log_softmax(logits / 0.5, dim=-1).gather(-1, completions[..., None]).squeeze(-1)
+    assert torch.allclose(cold.double(), expected, atol=1e-5)
+
+
+def test_majority_vote_and_the_k_of_the_sample_metrics() -> None:
+    example = Example("7+8=", "15")
+    right, wrong, other, malformed = "<answer>15</answer>", "<answer>14</answer>", "<answer>16</answer>", "15"
+    assert majority_right([wrong, right, right], example, NUMERIC)
+    assert not majority_right([wrong, right, other, wrong], example, NUMERIC)
+    assert majority_right([right, wrong], example, NUMERIC)  # a tie goes to the answer seen first
+    assert not majority_right([wrong, right], example, NUMERIC)
+    assert majority_right([malformed, malformed, right], example, NUMERIC)  # a malformed sample does not vote
+    assert not majority_right([malformed], example, NUMERIC)
+    samples = [right, wrong, wrong, wrong, right, right, malformed, wrong]
+    assert maj_at_k(samples, example, NUMERIC, 1) == pytest.approx(3 / 8)  # maj@1 is the share right
+    assert maj_at_k(samples, example, NUMERIC, 2) == pytest.approx(2 / 4)  # runs (r,w) (w,w) (r,r) (m,w)
+    assert maj_at_k(samples, example, NUMERIC, 4) == pytest.approx(1 / 2)  # (r,w,w,w) wrong, (r,r,m,w) right
+    assert maj_at_k(samples, example, NUMERIC, 8) == 0.0  # wrong 4 times, right 3
+    with pytest.raises(ValueError, match="k=9"):
+        maj_at_k(samples, example, NUMERIC, 9)
+    assert sample_ks(16) == [1, 2, 4, 8, 16] and sample_ks(12) == [1, 2, 4, 8, 12] and sample_ks(1) == [1]
+
+
 def test_pass_at_k_by_hand() -> None:
     assert pass_at_k(5, 2, 2) == pytest.approx(0.7)  # 1 - C(3, 2) / C(5, 2) = 1 - 3 / 10
     assert pass_at_k(10, 3, 1) == pytest.approx(0.3)  # pass@1 is the share right
@@ -263,6 +323,10 @@ def test_evaluate_task_model_scores_greedy_completions_and_samples(objective: st
     counts = [row["right_samples"] for row in rows]
     assert metrics["pass_at_1"] == pytest.approx(np.mean(counts) / 4)
     assert metrics["pass_at_4"] == pytest.approx(np.mean([c > 0 for c in counts]))
+    assert set(metrics) >= {"pass_at_2", "maj_at_1", "maj_at_2", "maj_at_4", "sampled_format_rate"}
+    assert metrics["maj_at_1"] == pytest.approx(metrics["pass_at_1"])  # one sample's vote is the sample
+    assert metrics["pass_at_1"] <= metrics["pass_at_2"] <= metrics["pass_at_4"]
+    assert 0 < metrics["sampled_format_rate"] <= 1
     assert metrics["format_rate"] > 0  # the short SFT taught the format: the comparisons above are not all empty
 
 
@@ -329,7 +393,7 @@ def text_trainer(model: TransformerLM, objective: str, cfg: TextRLParams, exampl
                  checkpoints: Path) -> GRPOTrainer[TextRLParams]:
     """Constructed as `run_text_rl` does, with a no-op tracker."""
     ids, real = encode_prompts([e.prompt for e in examples], TOKENIZER, PROMPT_LEN)
-    return grpo_trainer(model, cfg, ids, real, examples, reference=copy.deepcopy(model), objective=objective,
+    return post_trainer(model, cfg, ids, real, examples, reference=copy.deepcopy(model), objective=objective,
                         tokenizer=TOKENIZER, checker=NUMERIC, task=TASK, tracker=Tracker(), device=torch.device("cpu"),
                         seed=0, checkpoint_dir=checkpoints, fingerprint="test")
 
@@ -348,7 +412,7 @@ def expected_format_reward(model: TransformerLM, examples: Sequence[Example], sa
 def test_grpo_raises_the_expected_reward_in_a_fixed_seed_run(tmp_path: Path) -> None:
     sft_examples, rl_examples = ADDITIONS[:40], ADDITIONS[40:72]
     model = sft(task_model("ar", d_model=32), sft_examples, steps=20)
-    cfg = rl_params(epochs=4, batch_size=8, group_size=8, base_lr=0.1, beta=0.0, reward="format", temperature=1.0,
+    cfg = rl_params(epochs=4, batch_size=8, group_size=8, lr=3.125e-3, beta=0.0, reward="format", temperature=1.0,
                     log_every=1, checkpoint_every=1000)
     probe = probe_signal(model, "ar", TOKENIZER, rl_examples, NUMERIC, TASK, cfg, seed=0)
     assert 0.0 < probe["frac_reward_zero_std"] < 1.0 and probe["prompts"] == len(rl_examples)
@@ -378,7 +442,7 @@ def test_probe_finds_no_signal_where_every_completion_fails() -> None:
 @pytest.mark.parametrize("objective", ["ar", "mdm"])
 def test_two_updates_per_batch_change_the_parameters_and_start_at_ratio_one(objective: str, tmp_path: Path) -> None:
     start = sft(task_model(objective, seed=3), ADDITIONS[:40], steps=20 if objective == "ar" else 40)
-    cfg = rl_params(epochs=1, batch_size=4, group_size=8, base_lr=0.1, beta=0.04, reward="format", temperature=1.0,
+    cfg = rl_params(epochs=1, batch_size=4, group_size=8, lr=1.5625e-3, beta=0.04, reward="format", temperature=1.0,
                     num_iterations=2, block_length=ANSWER_TOKENS, prompt_mask_prob=0.5, log_every=1,
                     checkpoint_every=1000)
     model = copy.deepcopy(start)
@@ -408,7 +472,15 @@ def test_two_updates_per_batch_change_the_parameters_and_start_at_ratio_one(obje
 
 def test_policies_by_objective_and_the_metrics_each_step_logs(tmp_path: Path) -> None:
     assert POLICIES["ar"] is ARPolicy and POLICIES["mdm"] is MDMPolicy and len(POLICIES) == 2
-    assert not ARPolicy.varies_by_iteration and MDMPolicy.varies_by_iteration
+    assert not ARPolicy.varies_by_iteration
+
+    def mdm(cfg: TextRLParams) -> MDMPolicy:
+        return MDMPolicy(cfg, np.zeros((1, PROMPT_LEN), np.int64), np.ones((1, PROMPT_LEN), bool), ADDITIONS[:1],
+                         tokenizer=TOKENIZER, checker=NUMERIC, task=TASK, tracker=Tracker())
+
+    # the masked model's estimate changes between a batch's updates only where its prompt mask does
+    assert mdm(rl_params(num_iterations=2, prompt_mask_prob=0.5)).varies_by_iteration
+    assert not mdm(rl_params(num_iterations=2)).varies_by_iteration
     cfg = rl_params(epochs=1, batch_size=4, group_size=4, reward="combined", log_every=1, checkpoint_every=1000)
     with pytest.raises(ValueError, match="objective='gpt'"):
         text_trainer(task_model("ar"), "gpt", cfg, ADDITIONS[:4], tmp_path)
@@ -422,7 +494,7 @@ def test_policies_by_objective_and_the_metrics_each_step_logs(tmp_path: Path) ->
 def test_resuming_between_two_updates_of_a_batch_matches_an_unbroken_run(objective: str, tmp_path: Path) -> None:
     """A checkpoint taken between a batch's updates carries its completions and old log-probs (`extra_state`)."""
     start = sft(task_model(objective, seed=3), ADDITIONS[:40], steps=20 if objective == "ar" else 40)
-    cfg = rl_params(epochs=1, batch_size=4, group_size=8, base_lr=0.1, beta=0.04, reward="format", temperature=1.0,
+    cfg = rl_params(epochs=1, batch_size=4, group_size=8, lr=1.5625e-3, beta=0.04, reward="format", temperature=1.0,
                     num_iterations=2, block_length=ANSWER_TOKENS, prompt_mask_prob=0.5, log_every=1,
                     checkpoint_every=1)
     unbroken = text_trainer(copy.deepcopy(start), objective, cfg, ADDITIONS[:8], tmp_path / "unbroken")
@@ -436,3 +508,103 @@ def test_resuming_between_two_updates_of_a_batch_matches_an_unbroken_run(objecti
     expected = unbroken.model.state_dict()
     for name, value in resumed.model.state_dict().items():
         assert torch.equal(value, expected[name]), name
+
+
+# ------------------------------------------------------------------------------- the controls: shuffled, RFT
+
+
+def method_trainer(model: TransformerLM, objective: str, method: str, examples: Sequence[Example], root: Path,
+                   **cfg: Any) -> Any:
+    settings = {"epochs": 1, "batch_size": 4, "group_size": 8, "lr": 1.0e-3, "reward": "accuracy",
+                "block_length": ANSWER_TOKENS, "log_every": 1, "checkpoint_every": 1000, **cfg}
+    return text_trainer(model, objective, rl_params(method=method, **settings), examples, root)
+
+
+def test_the_methods_are_grpo_and_its_two_controls() -> None:
+    assert list(METHODS) == ["grpo", "shuffled", "rft"]
+    with pytest.raises(ConfigError, match=r"text_rl\.method='sft'.*'grpo', 'shuffled', 'rft'"):
+        rl_params(method="sft")
+
+
+@pytest.mark.parametrize("objective", ["ar", "mdm"])
+def test_the_shuffled_control_trains_on_a_permutation_of_the_batch_rewards(objective: str, tmp_path: Path) -> None:
+    start = sft(task_model(objective, seed=3), ADDITIONS[:40], steps=20 if objective == "ar" else 40)
+    real = method_trainer(copy.deepcopy(start), objective, "grpo", ADDITIONS[:8], tmp_path / "real", reward="format")
+    shuffled = method_trainer(copy.deepcopy(start), objective, "shuffled", ADDITIONS[:8], tmp_path / "shuffled",
+                              reward="format")
+    real.train_step(0)
+    assert torch.equal(real.sampled["0:0"]["completions"], shuffled.train_step(0) and
+                       shuffled.sampled["0:0"]["completions"])  # the same samples at the same start
+    for step in (0, 1):
+        if step:
+            shuffled.train_step(step)
+        control, batch = shuffled.sampled[f"{step}:0"], next(iter(shuffled.micro_batches(step)))
+        earned = shuffled.policy.rewards(batch, control)  # what the control's own samples earned
+        assert torch.equal(torch.sort(earned.flatten()).values, torch.sort(control["rewards"].flatten()).values)
+        assert not torch.equal(earned, control["rewards"]), step  # permuted across the batch
+        assert torch.equal(control["advantages"], group_advantages(control["rewards"]))
+    assert torch.equal(real.sampled["0:0"]["rewards"], shuffled.policy.rewards(
+        next(iter(shuffled.micro_batches(0))), real.sampled["0:0"]))
+
+
+def accepted_rows_seen(trainer: RFTTrainer, step: int) -> tuple[Tensor, dict[str, Any], dict[str, Tensor]]:
+    """The rows of the one forward pass with gradients (the SFT loss) of `compute_loss` at `step`, the samples the
+    policy drew for that step, and the loss."""
+    batch = next(iter(trainer.micro_batches(step)))
+    samples = trainer.policy.sample(trainer.model, batch).samples  # drawn from the step's seed: the same again
+    seen: list[Tensor] = []
+    hook = trainer.model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(args[0].clone()) if torch.is_grad_enabled() else None, with_kwargs=True)
+    try:
+        out = trainer.compute_loss(batch)
+    finally:
+        hook.remove()
+    assert len(seen) == 1
+    return seen[0], samples, out
+
+
+@pytest.mark.parametrize("objective", ["ar", "mdm"])
+def test_rft_finetunes_on_the_completions_the_checker_accepts(objective: str, tmp_path: Path) -> None:
+    start = sft(task_model(objective, seed=3, d_model=32), ADDITIONS, steps=60 if objective == "ar" else 200)
+    trainer = method_trainer(copy.deepcopy(start), objective, "rft", ADDITIONS[:16], tmp_path, batch_size=8)
+    assert isinstance(trainer, RFTTrainer) and trainer.stage == "text_rl"
+    rows, samples, out = accepted_rows_seen(trainer, 0)
+    right = samples["right"].bool()
+    assert 0 < int(right.sum()) < right.numel()  # some completions right, some not: the filter is tested
+    assert rows.shape[0] == int(right.sum())  # one SFT row per accepted completion
+    completions = rows[:, PROMPT_LEN:] if objective == "mdm" else None
+    ids, roles = completion_rows(*trainer.policy.prompts(next(iter(trainer.micro_batches(0)))),
+                                 samples["completions"], EOS_ID)
+    if objective == "ar":  # the causal model reads the row but its last token
+        assert torch.equal(rows, ids[right][:, :-1])
+    else:  # the masked model reads the prompt as it is and some completion positions masked
+        assert torch.equal(rows[:, :PROMPT_LEN], ids[right][:, :PROMPT_LEN])
+        kept = completions != start.mask_id
+        assert torch.equal(completions[kept], ids[right][:, PROMPT_LEN:][kept]) and (~kept).any()
+    texts = decode_completions(samples["completions"][right], TOKENIZER, EOS_ID)
+    examples = [e for e, ok in zip(trainer.policy.batch_examples(next(iter(trainer.micro_batches(0)))),
+                                   right.tolist(), strict=True) if ok]
+    assert all(accuracy_reward(t, e, NUMERIC) == 1.0 for t, e in zip(texts, examples, strict=True))
+    assert set(out) >= {"loss", "reward", "accuracy", "frac_reward_zero_std"}
+    assert out["accuracy"].item() == pytest.approx(right.float().mean().item())
+    # the roles of a completion: up to and with its first <eos> it is the answer, then the fill
+    assert torch.equal(roles[:, PROMPT_LEN:] == ROLE.ANSWER, samples["mask"])
+    before = copy.deepcopy(trainer.model.state_dict())
+    trainer.train_step(0)
+    assert any(not torch.equal(v, trainer.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_rft_refuses_a_batch_without_an_accepted_completion(tmp_path: Path) -> None:
+    trainer = method_trainer(task_model("ar"), "ar", "rft", ADDITIONS[:8], tmp_path / "ck", checkpoint_every=1)
+    with pytest.raises(NoAcceptedCompletions, match=r"step 1: the checker accepted none of the 32 completions "
+                                                     r"\(4 prompts x text_rl\.group_size=8\)"):
+        trainer.fit()  # random weights: never a right sum
+    assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").iterdir())  # no checkpoint written
+
+
+def test_prompt_masking_needs_several_updates_per_batch() -> None:
+    assert rl_params().prompt_mask_prob == 0.0
+    with pytest.raises(ConfigError, match=r"text_rl\.prompt_mask_prob=0\.15: must be 0 with "
+                                          r"text_rl\.num_iterations=1"):
+        rl_params(prompt_mask_prob=0.15)
+    assert rl_params(prompt_mask_prob=0.15, num_iterations=2).prompt_mask_prob == 0.15
