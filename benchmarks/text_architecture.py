@@ -26,7 +26,7 @@ import torch
 
 from pipeline_lib.core.tracking import Tracker
 from pipeline_lib.params import load_params
-from pipeline_lib.text.data.corpus import prepare_text
+from pipeline_lib.text.data.corpus import prepare_configured
 from pipeline_lib.text.evaluate import BPC_KEY, score
 from pipeline_lib.text.models.saved import load_lm
 from pipeline_lib.text.pretrain import LMPaths, run_text_pretrain
@@ -71,9 +71,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         cfg = base.text_data
-        prepare_text(cfg.source, url=cfg.url, sha256=cfg.sha256, path=cfg.path, val_fraction=cfg.val_fraction,
-                     tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, out_dir=root / "data",
-                     cache_dir=Path("data/cache"))
+        prepare_configured(cfg, out_dir=root / "data", cache_dir=Path("data/cache"))
         for name in args.variant or VARIANTS:
             params = load_params(args.params, [*args.overrides, *VARIANTS[name]])
             paths = LMPaths(root / "data", root / name, root / f"{name}.json", root / f"{name}_plots",

@@ -24,7 +24,7 @@ import torch
 
 from pipeline_lib.core.tracking import Tracker
 from pipeline_lib.params import load_params
-from pipeline_lib.text.data.corpus import prepare_text, read_text_meta, read_tokens
+from pipeline_lib.text.data.corpus import prepare_configured, read_text_meta, read_tokens
 from pipeline_lib.text.evaluate import BPC_KEY, score
 from pipeline_lib.text.models.objectives import OBJECTIVES
 from pipeline_lib.text.models.saved import load_lm
@@ -42,9 +42,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         cfg = params.text_data
-        prepare_text(cfg.source, url=cfg.url, sha256=cfg.sha256, path=cfg.path, val_fraction=cfg.val_fraction,
-                     tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, out_dir=root / "data",
-                     cache_dir=Path("data/cache"))
+        prepare_configured(cfg, out_dir=root / "data", cache_dir=Path("data/cache"))
         meta = read_text_meta(root / "data")
         ngram = NGramLM(params.text_ngram.order, meta["vocab_size"], params.text_ngram.method,
                         k=params.text_ngram.k, discount=params.text_ngram.discount)

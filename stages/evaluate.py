@@ -28,7 +28,7 @@ def main() -> None:
         "evaluate", load_params, device=True, report=lambda summary: report(summary, paths.classifiers),
         logged=lambda params: {"seed": params.seed, "device": params.device,
                                **flatten(params.evaluate, prefix="evaluate.")},
-        inputs=lambda: {"data": prepared_digest(paths.data)},
+        inputs=lambda _: {"data": prepared_digest(paths.data)},
         upstream={"fetch": paths.data, "pretrain": paths.encoder,
                   **{f"finetune.{name}": folder for name, folder in paths.classifiers.items()}},
         run=lambda params, tracker, device: run_evaluate(params, paths, tracker, device),

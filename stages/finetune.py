@@ -36,7 +36,7 @@ def main() -> None:
     run_stage(Stage(
         args.name, lambda path: recipe(load_params(path), paths.encoder), device=True, logged=logged_params,
         check=lambda params: check_inputs(params, paths),  # params the data and the encoder decide
-        inputs=lambda: {"data": prepared_digest(paths.data),
+        inputs=lambda _: {"data": prepared_digest(paths.data),
                         **({"encoder": encoder_digest(paths.encoder)} if paths.encoder else {})},
         upstream={"fetch": paths.data, "pretrain": paths.encoder}, tags=lambda: encoder_tags(paths.encoder),
         checkpoints=paths.checkpoints, fingerprint=lambda params: fingerprint(params, paths),

@@ -38,7 +38,7 @@ def main() -> None:
         "label_curve", load_params, device=True,
         logged=lambda params: logged_params(params, args.fractions, args.repeats),
         check=lambda params: check_inputs(params, paths, args.fractions, args.repeats),
-        inputs=lambda: {"encoder": encoder_digest(paths.encoder)}, upstream={"pretrain": paths.encoder},
+        inputs=lambda _: {"encoder": encoder_digest(paths.encoder)}, upstream={"pretrain": paths.encoder},
         tags=lambda: model_version_tags("encoder", paths.encoder),
         run=lambda params, tracker, device: run_label_curve(params, paths, tracker, device,
                                                             fractions=args.fractions, repeats=args.repeats),

@@ -25,7 +25,7 @@ def main() -> None:
     run_stage(Stage(
         "pretrain", load_params, device=True, logged=logged_params,
         check=lambda params: check_inputs(params, paths),  # params the data decides
-        inputs=lambda: {"data": data_digest(paths.data)}, upstream={"fetch": paths.data},
+        inputs=lambda _: {"data": data_digest(paths.data)}, upstream={"fetch": paths.data},
         checkpoints=paths.checkpoints, fingerprint=lambda params: fingerprint(params, paths.data),
         run=lambda params, tracker, device: run_pretrain(params, paths, tracker, device),
     ), args.params)

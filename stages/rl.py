@@ -23,7 +23,7 @@ def main() -> None:
     run_stage(Stage(
         "rl", load_params, device=True, logged=logged_params, report=report,
         check=lambda params: check_inputs(params, paths),  # params the data and the classifier decide
-        inputs=lambda: {"data": prepared_digest(paths.data), "classifier": encoder_digest(paths.classifier)},
+        inputs=lambda _: {"data": prepared_digest(paths.data), "classifier": encoder_digest(paths.classifier)},
         upstream={"fetch": paths.data, "finetune": paths.classifier},
         tags=lambda: model_version_tags("finetuned", paths.classifier),
         # the GRPO trainer's checkpoints (its run is the stage's; the baselines' trainers log nowhere)

@@ -22,7 +22,7 @@ def main() -> None:
     run_stage(Stage(
         "text_curve", load_params, device=True, logged=logged_params,
         check=lambda params: check_inputs(params, paths.data),  # params the prepared text decides
-        inputs=lambda: {f"text_{split}": read_text_meta(paths.data)["sha256"][f"{split}.bin"]
+        inputs=lambda _: {f"text_{split}": read_text_meta(paths.data)["sha256"][f"{split}.bin"]
                         for split in ("train", "val")},
         upstream={"text_fetch": paths.data},
         run=lambda params, tracker, device: run_text_curve(params, paths, tracker, device),

@@ -30,7 +30,7 @@ def main() -> None:
     run_stage(Stage(
         "text_evaluate", load_params, logged=lambda params: flatten(params.text_evaluate, prefix="text_evaluate."),
         check=lambda params: check_inputs(params, args.data, models),  # params the text and the models decide
-        inputs=lambda: {"text": read_text_meta(args.data)["sha256"]["val.bin"]},
+        inputs=lambda _: {"text": read_text_meta(args.data)["sha256"]["val.bin"]},
         upstream={f"text_pretrain_{name}": folder for name, folder in models.items()},
         run=lambda params, tracker, _: evaluate(params, tracker, args.data, args.ngram, models, args.metrics),
         report=lambda summary: "validation bits per character: " + ", ".join(

@@ -16,7 +16,7 @@ def main() -> None:
     args = stage_parser(__doc__, "data", "metrics").parse_args()
     run_stage(Stage(
         "text_ngram", load_params, logged=lambda params: flatten(params.text_ngram, prefix="text_ngram."),
-        inputs=lambda: {"text": read_text_meta(args.data)["sha256"]["train.bin"]}, upstream={"text_fetch": args.data},
+        inputs=lambda _: {"text": read_text_meta(args.data)["sha256"]["train.bin"]}, upstream={"text_fetch": args.data},
         run=lambda params, tracker, _: run_text_ngram(params, tracker, args.data, args.metrics),
         report=lambda summary: f"{summary['order']}-gram {summary['method']}: validation {summary['bpc']:.4f} "
                                "bits per character",

@@ -30,7 +30,7 @@ def main() -> None:
     run_stage(Stage(
         f"text_rl_{objective}", load_params, device=True, logged=lambda params: logged_params(params, objective),
         check=lambda params: check_inputs(params, paths, objective),  # params the task decides
-        inputs=lambda: {"task": task_digest(paths.task), "sft": weights_digest(paths.sft)},
+        inputs=lambda _: {"task": task_digest(paths.task), "sft": weights_digest(paths.sft)},
         upstream={"text_task": paths.task, f"text_sft_{objective}": paths.sft},
         tags=lambda: {"objective": objective, **model_version_tags("sft", paths.sft)},
         checkpoints=paths.checkpoints, fingerprint=lambda params: fingerprint(params, paths, objective),

@@ -23,7 +23,7 @@ def main() -> None:
     run_stage(Stage(
         "text_rl_claim", load_params, device=True, logged=logged_params,
         check=lambda params: check_inputs(params, paths),  # params the task and the tokenizer decide
-        inputs=lambda: {"task": task_digest(paths.task)},
+        inputs=lambda _: {"task": task_digest(paths.task)},
         upstream={"text_task": paths.task, "text_fetch": paths.data},
         run=lambda params, tracker, device: run_text_rl_claim(params, paths, tracker, device),
         report=report,

@@ -30,7 +30,7 @@ def main() -> None:
         f"{args.name}_{objective}", load_params, device=True,
         logged=lambda params: logged_params(params, objective, "pretrained" if paths.pretrained else "scratch"),
         check=lambda params: check_inputs(params, paths, objective),  # params the task decides
-        inputs=lambda: {"task": task_digest(paths.task), "pretrained": weights_digest(paths.pretrained)},
+        inputs=lambda _: {"task": task_digest(paths.task), "pretrained": weights_digest(paths.pretrained)},
         upstream={"text_task": paths.task, f"text_pretrain_{objective}": paths.pretrained},
         tags=lambda: {"objective": objective, **model_version_tags("pretrained", paths.pretrained)},
         checkpoints=paths.checkpoints, fingerprint=lambda params: fingerprint(params, paths, objective),

@@ -27,7 +27,7 @@ def main() -> None:
     with one_line_errors("text_task_evaluate"):
         models = named_folders(args.model, "--model")
     run_stage(Stage(
-        "text_task_evaluate", load_params, inputs=lambda: {"task": task_digest(args.task)}, upstream=models,
+        "text_task_evaluate", load_params, inputs=lambda _: {"task": task_digest(args.task)}, upstream=models,
         logged=lambda params: {"seed": params.seed, **flatten(params.text_task_evaluate,
                                                               prefix="text_task_evaluate.")},
         run=lambda params, tracker, _: evaluate(params, tracker, args.task, models, args.metrics),

@@ -60,6 +60,11 @@ def _nothing(params: Any) -> None:
     """The default check: params alone decide everything."""
 
 
+def _no_inputs(params: Any) -> dict[str, str]:
+    """The default inputs: none with a digest."""
+    return {}
+
+
 @dataclass(frozen=True)
 class Stage(Generic[P]):
     """What one stage declares; `run_stage` does the rest.
@@ -71,8 +76,9 @@ class Stage(Generic[P]):
         logged: the flat dotted params the stage uses, as MLflow logs and hashes them.
         check: raises on params that the inputs decide (e.g. a batch larger than the split); runs before any
             work and any MLflow run.
-        inputs: name -> sha256 of each input (data, upstream model), read after `check`.
-        upstream: stage -> the folder that stage wrote (with its `run.json`); a None folder (an optional input
+        inputs: params -> (name -> sha256 of each input: data, upstream model), read after `check`.
+        upstream: stage -> the folder that stage wrote (with its `run.json`), or a function of the params giving
+            that mapping (where the params decide which inputs a stage reads); a None folder (an optional input
             left out) is skipped.
         tags: further lineage tags, read after `check` (e.g. the registered model version a stage starts from).
         device: resolve `params.device` for the entry point and, under torchrun, join the process group (only
@@ -88,8 +94,8 @@ class Stage(Generic[P]):
     run: Callable[[P, Tracker, torch.device | None], Any]
     logged: Callable[[P], Mapping[str, Any]]
     check: Callable[[P], object] = _nothing
-    inputs: Callable[[], Mapping[str, str]] = dict
-    upstream: Mapping[str, Path | None] = field(default_factory=dict)
+    inputs: Callable[[P], Mapping[str, str]] = _no_inputs
+    upstream: Mapping[str, Path | None] | Callable[[P], Mapping[str, Path | None]] = field(default_factory=dict)
     tags: Callable[[], Mapping[str, str]] = dict
     device: bool = False
     checkpoints: Path | None = None
@@ -131,8 +137,9 @@ def _tracking(stage: Stage[P], params: P) -> Any:
     resume = None
     if stage.checkpoints is not None and stage.fingerprint is not None:
         resume = previous_run_id(stage.checkpoints, stage.fingerprint(params))
-    return stage_run(stage.name, params, stage.logged(params), inputs=stage.inputs(),
-                     upstream=upstream_runs(stage.upstream), resume_run_id=resume, extra_tags=stage.tags())
+    upstream = stage.upstream(params) if callable(stage.upstream) else stage.upstream
+    return stage_run(stage.name, params, stage.logged(params), inputs=stage.inputs(params),
+                     upstream=upstream_runs(upstream), resume_run_id=resume, extra_tags=stage.tags())
 
 
 def previous_run_id(checkpoints: Path, fingerprint: str) -> str | None:

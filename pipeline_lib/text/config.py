@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 
 from pipeline_lib.core.config import _SHA256, CoreParams, GRPOParams, Section, TrainParams, bounded, unbounded
 
-TextSource = Literal["embedded", "url", "folder"]
+TextSource = Literal["embedded", "url", "folder", "stdlib"]
 
 
 TokenizerKind = Literal["char", "bpe"]
@@ -23,13 +23,18 @@ LMObjective = Literal["ar", "mdm"]
 HparamsMode = Literal["manual", "auto"]
 
 
+MDMInit = Literal["scratch", "ar"]
+
+
 @dataclass(frozen=True)
 class TextDataParams(Section):
     """The text track's corpus, split and tokenizer (see `pipeline_lib.text.data.corpus`).
 
     `embedded` is the English documentation CPython ships (`pydoc_data.topics`); `url` a plain-text file
-    checked against `sha256`; `folder` every `*.txt` under `path`. The last `val_fraction` of the text
-    (cut at a line break) is the validation split; the tokenizer is fitted on the training part only.
+    checked against `sha256`; `folder` every `*.txt` under `path`; `stdlib` the running Python's standard library
+    source (its `*.py` files; `modules` keeps only the named top-level modules and packages, null all of them).
+    The last `val_fraction` of the text (cut at a line break) is the validation split; the tokenizer is fitted on
+    the training part only.
     """
 
     section: ClassVar[str] = "text_data"
@@ -38,6 +43,7 @@ class TextDataParams(Section):
     url: str | None = None
     sha256: str | None = None
     path: str | None = None
+    modules: list[str] | None = None
     val_fraction: float = bounded(0.1, "(0, 0.5]")
     tokenizer: TokenizerKind = "bpe"
     vocab_size: int = unbounded(1024, "a byte-level BPE needs >= 257: checked in __post_init__ with tokenizer")
@@ -53,8 +59,8 @@ class TextDataParams(Section):
                          f"is required with {source}='url': the file's sha256 as 64 hex digits")
         if self.source == "folder":
             self.require(bool(self.path), "path", f"is required with {source}='folder'")
-        used = {"url": ("url", "sha256"), "folder": ("path",), "embedded": ()}[self.source]
-        for name in ("url", "sha256", "path"):
+        used = {"url": ("url", "sha256"), "folder": ("path",), "embedded": (), "stdlib": ("modules",)}[self.source]
+        for name in ("url", "sha256", "path", "modules"):
             self.require(name in used or getattr(self, name) is None, name,
                          f"is not used with {source}={self.source!r}; set it to null")
 
@@ -157,7 +163,14 @@ class TextPretrainParams(LMTrainParams):
     windows. `mtp_depth` > 0 trains DeepSeek-V3's multi-token prediction modules beside an `ar` model (weight
     `mtp_weight`; `mdm` predicts every masked position at once and has none); they are not exported. `hparams:
     auto` replaces `batch_size` and the lr by DeepSeek LLM's compute-budget laws (`pipeline_lib.text.hparams`) at
-    `compute_budget` FLOPs (null: the run's own, FLOPs per token x training tokens).
+    `compute_budget` FLOPs (null: the run's own, FLOPs per token x training tokens). `mdm_epochs` (null: `epochs`)
+    is the masked model's own length.
+
+    `mdm_init: ar` starts `mdm` from the trained `ar` model (DiffuGPT's adaptation, Gong et al. 2025): its weights,
+    a MASK embedding at the mean of the token embeddings, the AR layout kept (`TransformerLM.shift`: position i
+    predicts token i + 1, the first position is context) and the attention annealed from causal to bidirectional
+    over the first `mdm_anneal_epochs` (each query reads each later key with a probability rising linearly from 0
+    to 1). `scratch` trains it from fresh weights.
     """
 
     section: ClassVar[str] = "text_pretrain"
@@ -168,11 +181,24 @@ class TextPretrainParams(LMTrainParams):
     hparams: HparamsMode = "manual"
     compute_budget: float | None = bounded(None, "> 0",
                                            "in FLOPs; null: the run's own, FLOPs per token x training tokens")
+    mdm_epochs: int | None = bounded(3, ">= 1", "null: epochs")
+    mdm_init: MDMInit = "ar"
+    mdm_anneal_epochs: float = bounded(0.5, ">= 0", "read only with mdm_init 'ar'; 0: bidirectional at once")
+
+    def for_objective(self, objective: str) -> TextPretrainParams:
+        """The section `objective` trains with: `mdm` takes `mdm_epochs` as its epochs when set."""
+        if objective != "mdm" or self.mdm_epochs is None:
+            return self
+        return dataclasses.replace(self, epochs=self.mdm_epochs)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.require(self.compute_budget is None or self.hparams == "auto", "compute_budget",
                      f"is only read with {self.dotted('hparams')}='auto'; set it to null")
+        epochs = self.mdm_epochs if self.mdm_epochs is not None else self.epochs
+        self.require(self.mdm_init != "ar" or self.mdm_anneal_epochs <= epochs, "mdm_anneal_epochs",
+                     f"must be at most the masked model's {epochs} epochs (mdm_epochs, or epochs when null): the "
+                     "model would never read bidirectionally")
 
 
 @dataclass(frozen=True)
@@ -329,21 +355,18 @@ class TextTaskEvaluateParams(Section):
 @dataclass(frozen=True)
 class TextCurveParams(Section):
     """The study `text_curve` (studies/dvc.yaml, `pipeline_lib.text.curve`): validation bits per character of each
-    objective against training time and FLOPs, beside the n-gram's. Each objective trains once with the
-    text_pretrain keys for its own `ar_epochs` / `mdm_epochs` (in place of `text_pretrain.epochs`: the masked model
-    needs more tokens) and is scored at `points` evenly spaced steps on the first `val_windows` validation windows
-    of `text_model.seq_len` tokens (null: all of them)."""
+    line against training time and FLOPs, beside the n-gram's. Each line trains once with the text_pretrain keys for
+    its own epochs (in place of `text_pretrain.epochs`): `ar_epochs` for ar, `mdm_epochs` for mdm from fresh weights
+    and `mdm_ar_epochs` for mdm adapted from the curve's ar model (null: no such line). Each is scored at `points`
+    evenly spaced steps on the first `val_windows` validation windows of `text_model.seq_len` tokens (null: all)."""
 
     section: ClassVar[str] = "text_curve"
 
-    ar_epochs: int = bounded(12, ">= 1")
-    mdm_epochs: int = bounded(24, ">= 1")
-    points: int = bounded(12, ">= 1")
-    val_windows: int | None = bounded(None, ">= 1", "null: every validation window")
-
-    def epochs(self, objective: str) -> int:
-        """The epochs `objective` trains for."""
-        return {"ar": self.ar_epochs, "mdm": self.mdm_epochs}[objective]
+    ar_epochs: int = bounded(2, ">= 1")
+    mdm_epochs: int = bounded(1, ">= 1")
+    mdm_ar_epochs: int | None = bounded(1, ">= 1", "null: no mdm-from-ar line")
+    points: int = bounded(8, ">= 1")
+    val_windows: int | None = bounded(600, ">= 1", "null: every validation window")
 
 
 @dataclass(frozen=True)

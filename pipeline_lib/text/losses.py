@@ -199,6 +199,7 @@ def mdm_nll_bound(
     mask_id: int,
     num_samples: int,
     generator: torch.Generator | None,
+    context: int = 0,
 ) -> Tensor:
     """LLaDA's Monte Carlo upper bound on each sequence's negative log-likelihood, in nats per sequence.
 
@@ -216,23 +217,25 @@ def mdm_nll_bound(
         mask_id: the MASK id, outside the vocabulary.
         num_samples: Monte Carlo draws per sequence, >= 1 (one forward pass of the batch each).
         generator: source of l and of the masks (None: the global RNG). Draws are made on its device.
+        context: the first `context` ids are given and never masked; the bound is on the other L - context
+            (l uniform in 1..L - context), conditioned on them.
 
     Returns:
-        (B,) float32 bound per sequence; divide by L for nats per token.
+        (B,) float32 bound per sequence; divide by L - context for nats per token.
     """
-    if ids.ndim != 2 or ids.shape[1] < 1:
-        raise ValueError(f"ids must be (B, L) with L >= 1, got shape {tuple(ids.shape)}")
+    if ids.ndim != 2 or ids.shape[1] < context + 1:
+        raise ValueError(f"ids must be (B, L) with L >= context + 1 = {context + 1}, got shape {tuple(ids.shape)}")
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples}: must be >= 1")
     if (ids == mask_id).any():
         raise ValueError(f"ids contain the mask id {mask_id}: it must lie outside the vocabulary")
-    B, L = ids.shape
+    B, L = ids.shape[0], ids.shape[1] - context  # L: the scored positions
     total = torch.zeros(B, device=ids.device)
     for _ in range(num_samples):
         draw_device = generator.device if generator is not None else ids.device
         lengths = torch.randint(1, L + 1, (B,), generator=generator, device=draw_device).to(ids.device)  # (B,)
-        masked = mask_exactly(lengths, L, generator=generator, device=ids.device)  # (B, L)
-        logits = model(ids.masked_fill(masked, mask_id))  # (B, L, V)
+        masked = F.pad(mask_exactly(lengths, L, generator=generator, device=ids.device), (context, 0))  # (B, T)
+        logits = model(ids.masked_fill(masked, mask_id))  # (B, T, V)
         _check_logits(logits, ids, "ids")
         ce = F.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none")  # (B, L)
         masked_ce = torch.where(masked, ce, torch.zeros_like(ce)).sum(dim=1)  # (B,)

@@ -8,6 +8,11 @@ checkpoint/resume, DDP, logging cadence) is the base trainer's. The training tok
 
 A trained model is a folder: `model.safetensors`, `config.json` (architecture, objective) and the
 `tokenizer.json` of the data it was trained on, so it generates text without the prepared data.
+
+With `text_pretrain.mdm_init: ar`, `mdm` continues from the trained `ar` model's folder (DiffuGPT's adaptation,
+Gong et al. 2025, "Scaling Diffusion Language Models via Adaptation from Autoregressive Models"): `adapt_from_ar`
+copies its weights into a shifted bidirectional model (`TransformerLM.shift`), and the trainer anneals the
+attention from causal to bidirectional over `text_pretrain.mdm_anneal_epochs` (`anneal_fraction`).
 """
 
 from __future__ import annotations
@@ -17,18 +22,20 @@ import json
 import shutil
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from pipeline_lib.core import dist
 from pipeline_lib.core.checkpoints import code_digest
 from pipeline_lib.core.config import flatten, params_hash
+from pipeline_lib.core.download import sha256_file
 from pipeline_lib.core.errors import ConfigError
 from pipeline_lib.core.outputs import staged_dir
 from pipeline_lib.core.registry import ALIASES, ModelKind
@@ -82,13 +89,78 @@ def token_windows(tokens: np.ndarray, seq_len: int, split: str = "training") -> 
     return consecutive_windows(tokens, seq_len)
 
 
-def build_lm(vocab_size: int, params: TextParams, objective: str) -> TransformerLM:
-    """The transformer `text_model` describes: causal for `ar`, bidirectional with a MASK id for `mdm`, with
-    mixture-of-experts feed-forwards when `text_model.moe.enabled`."""
+def adapts_from_ar(params: TextParams, objective: str) -> bool:
+    """Whether `objective` starts from the trained `ar` model (`mdm` with `text_pretrain.mdm_init: ar`)."""
+    return objective == "mdm" and params.text_pretrain.mdm_init == "ar"
+
+
+def build_lm(vocab_size: int, params: TextParams, objective: str, *, shift: bool = False) -> TransformerLM:
+    """The transformer `text_model` describes: causal for `ar`, bidirectional with a MASK id for `mdm` (`shift`: in
+    the AR layout, for adapting an AR model), with mixture-of-experts feed-forwards when `text_model.moe.enabled`."""
     cfg = params.text_model
     return resolve_objective(objective).build(vocab_size, d_model=cfg.d_model, n_layer=cfg.n_layer,
                                               n_head=cfg.n_head, max_len=cfg.seq_len, dropout=cfg.dropout,
-                                              moe=cfg.moe if cfg.moe.enabled else None)
+                                              moe=cfg.moe if cfg.moe.enabled else None, shift=shift)
+
+
+def pretrain_model(vocab_size: int, params: TextParams, objective: str) -> TransformerLM:
+    """The model text_pretrain starts `objective` from, before any AR weights are loaded into it: `build_lm`,
+    shifted when it adapts the AR model."""
+    return build_lm(vocab_size, params, objective, shift=adapts_from_ar(params, objective))
+
+
+def init_folder(params: TextParams, paths: LMPaths, objective: str) -> Path | None:
+    """The AR model folder this run continues from (`mdm_init: ar`), or None when it starts from fresh weights."""
+    return paths.init if adapts_from_ar(params, objective) else None
+
+
+def check_ar_init(folder: Path | None, model: TransformerLM, data_sha256: str) -> dict[str, Any]:
+    """The config.json of the AR model folder `folder` that `mdm_init: ar` continues from, checked against the
+    masked model to build and the training tokens.
+
+    Raises:
+        ConfigError: naming `text_pretrain.mdm_init` when the folder is missing, holds no `ar` model, or one of
+            another architecture or trained on other tokens.
+    """
+    key = "text_pretrain.mdm_init='ar'"
+    if folder is None or not (Path(folder) / CONFIG_FILE).is_file() or not (Path(folder) / WEIGHTS_FILE).is_file():
+        raise ConfigError(f"{key}: mdm continues from the trained ar model, and {folder} holds none (train "
+                          "text_pretrain@ar first: `dvc repro text_pretrain@ar`, or pass its folder as --init)")
+    config = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    if config.get("objective") != "ar":
+        raise ConfigError(f"{key}: {folder} holds a {config.get('objective')!r} model, not an ar one")
+    wanted = {**model.architecture(), "vocab_size": model.vocab_size, "shift": False}
+    config = {"shift": False, **config}  # folders written before the key existed are unshifted
+    differ = {name: (config.get(name), value) for name, value in wanted.items() if config.get(name) != value}
+    if differ:
+        listed = ", ".join(f"{name} {have!r} (text_model: {want!r})" for name, (have, want) in differ.items())
+        raise ConfigError(f"{key}: the ar model in {folder} has another architecture: {listed}; retrain it")
+    if config.get("data") != data_sha256:
+        raise ConfigError(f"{key}: the ar model in {folder} was trained on other tokens (train.bin sha256 "
+                          f"{config.get('data')}, these are {data_sha256}); retrain it")
+    return config
+
+
+def adapt_from_ar(model: TransformerLM, ar_weights: Mapping[str, Tensor]) -> TransformerLM:
+    """Load an AR model's `state_dict` into the shifted masked `model`, in place: every weight copied, the MASK row
+    of the embedding set to the mean of the token rows (as `grow_vocab` starts a new token). Returns `model`."""
+    weights = dict(ar_weights)
+    embed = weights["embed.weight"]  # (V, C)
+    weights["embed.weight"] = torch.cat([embed, embed.mean(dim=0, keepdim=True)])  # (V + 1, C)
+    model.load_state_dict(weights)
+    return model
+
+
+def anneal_fraction(step: int, anneal_steps: int) -> float | None:
+    """The chance that a query reads a later key at `step` of a linear anneal over `anneal_steps` steps: 0 (causal)
+    at step 0, rising by 1 / anneal_steps a step, None from `anneal_steps` on (the model's own bidirectional
+    attention). DiffuGPT's (step + 1) / anneal_steps, started one step earlier so the first step is the AR model's.
+
+    Examples:
+        >>> [anneal_fraction(step, 4) for step in range(5)]
+        [0.0, 0.25, 0.5, 0.75, None]
+    """
+    return step / anneal_steps if step < anneal_steps else None
 
 
 class LMTrainer(Trainer[LMTrainParams]):
@@ -102,11 +174,12 @@ class LMTrainer(Trainer[LMTrainParams]):
     stage = "text_pretrain"
 
     def __init__(self, model: nn.Module, cfg: LMTrainParams, inputs: np.ndarray, *, objective: str, mdm_eps: float,
-                 mtp_weight: float = 0.0, **kwargs: Any) -> None:
+                 mtp_weight: float = 0.0, anneal_epochs: float = 0.0, **kwargs: Any) -> None:
         # Mixture-of-experts layers are balanced whatever the method (an empty hook without them).
         super().__init__(model, cfg, inputs, hooks=[ExpertBalancer(model)], **kwargs)
         self.objective, self.mdm_eps, self.mtp_weight = objective, mdm_eps, mtp_weight
         self.strategy = resolve_objective(objective)
+        self.anneal_steps = round(anneal_epochs * self.steps_per_epoch)
 
     @property
     def mask_id(self) -> int | None:
@@ -127,18 +200,21 @@ class LMTrainer(Trainer[LMTrainParams]):
             next_token = ar_loss(logits[0], ids[:, 1:])
             extra = mtp_losses(logits, ids)
             return {"loss": next_token + self.mtp_weight * extra["mtp_loss"], "next_token_loss": next_token, **extra}
-        return self.strategy.pretrain_loss(self.forward_model, batch, mask_id=self.mask_id, eps=self.mdm_eps)
+        lm = exported(self.model)
+        return self.strategy.pretrain_loss(self.forward_model, batch, mask_id=lm.mask_id, eps=self.mdm_eps,
+                                           context=lm.context, anneal=anneal_fraction(batch.step, self.anneal_steps))
 
 
 @dataclass(frozen=True)
 class LMPaths:
-    """Where the text pretrain stage reads and writes."""
+    """Where the text pretrain stage reads and writes; `init`, the AR model folder `mdm_init: ar` continues from."""
 
     data: Path
     out: Path
     metrics: Path
     plots: Path
     checkpoints: Path
+    init: Path | None = None
 
 
 def logged_params(params: TextParams, objective: str) -> dict[str, Any]:
@@ -148,16 +224,17 @@ def logged_params(params: TextParams, objective: str) -> dict[str, Any]:
 
 
 def fingerprint(params: TextParams, paths: LMPaths, objective: str) -> str:
-    """Identifies a resumable run: params, the training tokens and the library code."""
+    """Identifies a resumable run: params, the training tokens, the library code and the AR weights it adapts."""
     meta = read_text_meta(paths.data)
+    init = init_folder(params, paths, objective)
     return params_hash({**logged_params(params, objective), "data": meta["sha256"]["train.bin"],
-                        "code": code_digest()})
+                        "code": code_digest(), "init": None if init is None else sha256_file(init / WEIGHTS_FILE)})
 
 
-def auto_hparams_for(params: TextParams, model: TransformerLM, windows: np.ndarray) -> AutoHparams:
+def auto_hparams_for(params: TextParams, model: TransformerLM, windows: np.ndarray, objective: str) -> AutoHparams:
     """`hparams: auto`: the batch and lr of DeepSeek LLM's laws for this model (FLOPs per token of its active
     feed-forward) trained on `windows` for `epochs`, or at `compute_budget`."""
-    cfg, seq_len = params.text_pretrain, params.text_model.seq_len
+    cfg, seq_len = params.text_pretrain.for_objective(objective), params.text_model.seq_len
     flops = flops_per_token(n_layer=model.n_layer, d_model=model.embed.weight.shape[1], seq_len=seq_len,
                             mlp_active_params=round(model.active_mlp_params()))
     with warnings.catch_warnings():  # the notes say the same and are printed and logged below
@@ -171,9 +248,9 @@ def training_setup(params: TextParams, model: TransformerLM, windows: np.ndarray
                    objective: str) -> tuple[nn.Module, TextPretrainParams, AutoHparams | None]:
     """What `text_pretrain` trains and with which keys: the model, wrapped in multi-token prediction for `ar`
     with `mtp_depth`, and the section, with batch_size and base_lr from the laws with `hparams: auto`."""
-    cfg, auto = params.text_pretrain, None
+    cfg, auto = params.text_pretrain.for_objective(objective), None
     if cfg.hparams == "auto":
-        auto = auto_hparams_for(params, model, windows)
+        auto = auto_hparams_for(params, model, windows, objective)
         cfg = dataclasses.replace(cfg, batch_size=auto.batch_size, base_lr=auto.lr * 256 / auto.batch_size)
     trained: nn.Module = model
     if cfg.mtp_depth and resolve_objective(objective).multi_token_prediction:
@@ -192,10 +269,11 @@ def describe(model: TransformerLM, trained: nn.Module) -> str:
     return text
 
 
-def check_inputs(params: TextParams, paths: LMPaths) -> None:
+def check_inputs(params: TextParams, paths: LMPaths, objective: str) -> None:
     """The params that only the prepared text decides, checked by the stage before its MLflow run from
     meta.json: `text_model.seq_len` against the training tokens (`window_count`), and with `hparams: manual`
     `text_pretrain.batch_size` against the windows (and the processes); `auto` caps its batch at them itself.
+    An `mdm` that adapts the AR model checks that model (`check_ar_init`).
 
     Raises:
         ConfigError: naming the key; DataError: no prepared text.
@@ -204,6 +282,8 @@ def check_inputs(params: TextParams, paths: LMPaths) -> None:
     windows = window_count(meta["num_tokens"]["train"], params.text_model.seq_len)
     if params.text_pretrain.hparams == "manual":
         check_batch_size(params.text_pretrain, windows, "training windows of text_model.seq_len + 1 tokens")
+    if adapts_from_ar(params, objective):
+        check_ar_init(paths.init, pretrain_model(meta["vocab_size"], params, objective), meta["sha256"]["train.bin"])
 
 
 def run_text_pretrain(params: TextParams, paths: LMPaths, objective: str, tracker: Tracker,
@@ -212,10 +292,15 @@ def run_text_pretrain(params: TextParams, paths: LMPaths, objective: str, tracke
     meta = read_text_meta(paths.data)
     windows = token_windows(read_tokens(paths.data, "train"), params.text_model.seq_len)
     torch.manual_seed(params.seed)  # identical initial weights in every run and on every process
-    model = build_lm(meta["vocab_size"], params, objective)
+    model = pretrain_model(meta["vocab_size"], params, objective)
+    adapted = adapts_from_ar(params, objective)
+    if adapted:
+        check_ar_init(paths.init, model, meta["sha256"]["train.bin"])
+        adapt_from_ar(model, load_file(Path(paths.init) / WEIGHTS_FILE))  # type: ignore[arg-type]  # checked above
     trained, cfg, auto = training_setup(params, model, windows, objective)
     trainer = LMTrainer(trained, cfg, windows, objective=objective, mdm_eps=cfg.mdm_eps,
-                        mtp_weight=cfg.mtp_weight, device=device, seed=params.seed,
+                        mtp_weight=cfg.mtp_weight, anneal_epochs=cfg.mdm_anneal_epochs if adapted else 0.0,
+                        device=device, seed=params.seed,
                         checkpoint_dir=paths.checkpoints, tracker=tracker,
                         fingerprint=fingerprint(params, paths, objective))
     tokens_per_step = cfg.batch_size * params.text_model.seq_len
@@ -230,6 +315,9 @@ def run_text_pretrain(params: TextParams, paths: LMPaths, objective: str, tracke
         if cfg.mtp_depth and not trainer.strategy.multi_token_prediction:
             print("text_pretrain: text_pretrain.mtp_depth applies to ar only (mdm predicts every masked position "
                   "at once); training mdm without it")
+        if adapted:
+            print(f"text_pretrain: mdm continues from the ar model in {paths.init} (text_pretrain.mdm_init: ar), "
+                  f"attention annealed to bidirectional over {trainer.anneal_steps} steps")
         print(f"text_pretrain: {objective} on {len(windows)} windows of {params.text_model.seq_len} tokens, "
               f"{describe(model, trained)}, {trainer.total_steps} steps of {tokens_per_step} tokens, "
               f"lr {trainer.lr:.2e}, {dist.world_size()} process(es) on {device}")

@@ -61,7 +61,7 @@ def test_a_run_opens_one_mlflow_run_named_after_the_stage_with_its_lineage(
         return {"loss": 0.5, "steps": 2}
 
     stage = Stage("toy", _load, run=train, logged=lambda params: {"seed": params.seed}, device=True,
-                  inputs=lambda: {"data": "ab" * 32}, tags=lambda: {"objective": "ar"},
+                  inputs=lambda _: {"data": "ab" * 32}, tags=lambda: {"objective": "ar"},
                   upstream={"fetch": upstream, "pretrain": tmp_path / "no-run-record", "scratch": None})
     assert run_stage(stage, params_file) == {"loss": 0.5, "steps": 2}
 

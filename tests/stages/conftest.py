@@ -164,7 +164,7 @@ def _toy_text_track(params: dict[str, Any]) -> None:
     architecture knobs on so that every text stage runs them: MoE feed-forwards, and MTP beside the ar model."""
     params["text_model"].update(d_model=16, n_layer=1, n_head=2, seq_len=32)
     params["text_model"]["moe"].update(enabled=True, routed_experts=4, top_k=2, bias_update_speed=1.0e-2)
-    params["text_pretrain"].update(epochs=1, batch_size=64, warmup_epochs=0.0, mtp_depth=1)
+    params["text_pretrain"].update(epochs=1, mdm_epochs=1, batch_size=64, warmup_epochs=0.0, mtp_depth=1)
     params["text_evaluate"].update(mdm_samples=1, prompt_tokens=8, sample_tokens=16, block_length=8)
     params["text_task"].update(digits=1, train_size=40, rl_size=16, test_size=16, answer_tokens=6)
     params["text_sft"].update(epochs=10, batch_size=8, base_lr=1.0, warmup_epochs=0.0, log_every=5, holdout=8,

@@ -207,7 +207,7 @@ def test_text_stages_check_their_inputs(text_project: Path) -> None:
     with pytest.raises(ConfigError, match=rf"^text_model\.seq_len=100000: the {train_tokens} training tokens are "
                                           r"too few for one window"):
         lm.check_inputs(params_from_dict({"text_model": {"seq_len": 100_000}}),
-                        lm.LMPaths(data, *(text_project / n for n in "ompc")))
+                        lm.LMPaths(data, *(text_project / n for n in "ompc")), "ar")
     with pytest.raises(ConfigError, match=r"^text_task\.train_size=6000: .*only 81 \(accepted: sizes adding up to"):
         task_data.check_inputs(params_from_dict({"text_task": {"digits": 1}}))
     model = text_project / "model"

@@ -29,7 +29,7 @@ from pipeline_lib.text.ngram import run_text_ngram
 from pipeline_lib.text.pretrain import LMPaths, build_lm, run_text_pretrain
 
 ROOT = Path(__file__).resolve().parents[2]
-EPOCHS, POINTS, BATCH, SEQ_LEN = {"ar": 3, "mdm": 2}, 6, 8, 8
+EPOCHS, POINTS, BATCH, SEQ_LEN = {"ar": 3, "mdm": 2, "mdm_from_ar": 1}, 6, 8, 8
 CURVE = [sys.executable, "-m", "stages.text_curve"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -54,7 +54,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                    checkpoint_every=5)
     params["text_ngram"].update(order=2, method="add_k", k=1.0)
     params["text_evaluate"].update(mdm_samples=1)
-    params["text_curve"].update(ar_epochs=EPOCHS["ar"], mdm_epochs=EPOCHS["mdm"], points=POINTS, val_windows=None)
+    params["text_curve"].update(ar_epochs=EPOCHS["ar"], mdm_epochs=EPOCHS["mdm"], mdm_ar_epochs=EPOCHS["mdm_from_ar"],
+                                points=POINTS, val_windows=None)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
 
@@ -91,16 +92,22 @@ def test_curve_rows_figure_and_mlflow_run(workspace: Path, curve: list[dict[str,
     ngram = {row["ngram_bpc"] for row in curve}
     assert len(ngram) == 1
     ngram_bpc = float(ngram.pop())
-    for objective, epochs in EPOCHS.items():
-        rows = [row for row in curve if row["objective"] == objective]
+    ar_end = [row for row in curve if row["model"] == "ar"][-1]
+    for name, epochs in EPOCHS.items():
+        rows = [row for row in curve if row["model"] == name]
+        assert {row["objective"] for row in rows} == {name[:3] if name != "ar" else "ar"}
         steps = [int(row["step"]) for row in rows]
         assert steps == evaluation_steps(epochs * steps_per_epoch, POINTS) and steps[-1] == epochs * steps_per_epoch
         tokens, seconds = [int(row["tokens"]) for row in rows], [float(row["seconds"]) for row in rows]
         assert tokens == [step * BATCH * SEQ_LEN for step in steps]
         assert tokens == sorted(set(tokens)) and seconds == sorted(set(seconds)) and seconds[0] > 0  # increasing
-        assert [float(row["flops"]) for row in rows] == pytest.approx([per_token * t for t in tokens])
+        # the adapted line continues from the ar line's end: its seconds and FLOPs include the ar run's
+        origin = ar_end if name == "mdm_from_ar" else None
+        flops = [per_token * t + (float(origin["flops"]) if origin else 0.0) for t in tokens]
+        assert [float(row["flops"]) for row in rows] == pytest.approx(flops)
+        assert origin is None or seconds[0] > float(origin["seconds"])
         assert all(0 < float(row["bpc"]) < 10 for row in rows)
-    assert [float(r["bpc"]) for r in curve if r["objective"] == "ar"][-1] < ngram_bpc  # the crossover is drawn
+    assert float(ar_end["bpc"]) < ngram_bpc  # the crossover is drawn
     assert (workspace / "plots" / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     with sqlite3.connect(workspace / "mlflow.db") as db:
@@ -113,40 +120,47 @@ def test_curve_rows_figure_and_mlflow_run(workspace: Path, curve: list[dict[str,
     db.close()
     assert params["text_curve.points"] == str(POINTS) and params["text_curve.ar_epochs"] == "3"
     assert params["text_pretrain.batch_size"] == str(BATCH) and "text_pretrain.epochs" not in params
-    mdm = [row for row in curve if row["objective"] == "mdm"]
+    assert "text_pretrain.mdm_init" not in params and params["text_curve.mdm_ar_epochs"] == "1"
+    mdm = [row for row in curve if row["model"] == "mdm"]
     assert history == [(int(r["step"]), pytest.approx(float(r["bpc"]))) for r in mdm]  # per point, at its step
     assert {"ar.loss", "mdm.loss", "ar.mtp1_loss", "ar.train_seconds"} <= set(latest) and "loss" not in latest
     assert latest["ngram_bpc"] == pytest.approx(ngram_bpc)
-    for objective, key in (("ar", "bpc"), ("mdm", "bpc_bound")):
-        scores = [float(row["bpc"]) for row in curve if row["objective"] == objective]
-        assert latest[f"{objective}.final_{key}"] == pytest.approx(scores[-1])
-        assert latest[f"{objective}.best_{key}"] == pytest.approx(min(scores))
-        below = next((row for row in curve if row["objective"] == objective and float(row["bpc"]) < ngram_bpc), None)
+    for line, key in (("ar", "bpc"), ("mdm", "bpc_bound"), ("mdm_from_ar", "bpc_bound")):
+        scores = [float(row["bpc"]) for row in curve if row["model"] == line]
+        assert latest[f"{line}.final_{key}"] == pytest.approx(scores[-1])
+        assert latest[f"{line}.best_{key}"] == pytest.approx(min(scores))
+        below = next((row for row in curve if row["model"] == line and float(row["bpc"]) < ngram_bpc), None)
         for name in ("seconds", "flops"):
             if below is None:
-                assert f"{objective}.crossover_{name}" not in latest
+                assert f"{line}.crossover_{name}" not in latest
             else:
-                assert latest[f"{objective}.crossover_{name}"] == pytest.approx(float(below[name]))
+                assert latest[f"{line}.crossover_{name}"] == pytest.approx(float(below[name]))
     assert "ar.crossover_seconds" in latest and "mdm.crossover_seconds" not in latest
     assert latest["mdm_over_ar_final_bpc"] == pytest.approx(float(mdm[-1]["bpc"]) / latest["ar.final_bpc"])
+    adapted = [row for row in curve if row["model"] == "mdm_from_ar"]
+    assert latest["mdm_from_ar_over_ar_final_bpc"] == pytest.approx(float(adapted[-1]["bpc"]) / latest["ar.final_bpc"])
+    assert float(adapted[-1]["bpc"]) < float(mdm[-1]["bpc"])  # the AR weights are a better start than fresh ones
     assert {"curve.csv", "curve.png"} <= {p.name for p in Path(urlparse(artifacts).path).iterdir()}
 
 
 def test_curve_trains_and_scores_as_the_stages_do(workspace: Path, curve: list[dict[str, str]],
                                                    tmp_path: Path) -> None:
     """The n-gram's line is the text_ngram stage's figure, and each run's last point is what text_pretrain trains
-    for that many epochs and text_evaluate scores: the evaluations along the way change nothing."""
+    for that many epochs and text_evaluate scores (the adapted line: text_pretrain@mdm with mdm_init ar from the ar
+    stage's model): the evaluations along the way change nothing."""
     data = workspace / "prepared"
     ngram = run_text_ngram(load_params(workspace / "params.yaml"), Tracker(), data, tmp_path / "ngram.json")
     assert float(curve[0]["ngram_bpc"]) == pytest.approx(ngram["bpc"], rel=1e-12)
-    for objective, epochs in EPOCHS.items():
-        params = load_params(workspace / "params.yaml", [f"text_pretrain.epochs={epochs}"])
-        paths = LMPaths(data, tmp_path / objective, tmp_path / f"{objective}.json", tmp_path / f"{objective}_plots",
-                        tmp_path / f"{objective}_checkpoints")
+    for line, objective, init in (("ar", "ar", "scratch"), ("mdm", "mdm", "scratch"), ("mdm_from_ar", "mdm", "ar")):
+        params = load_params(workspace / "params.yaml", [f"text_pretrain.epochs={EPOCHS[line]}",
+                                                         "text_pretrain.mdm_epochs=null",
+                                                         f"text_pretrain.mdm_init={init}"])
+        paths = LMPaths(data, tmp_path / line, tmp_path / f"{line}.json", tmp_path / f"{line}_plots",
+                        tmp_path / f"{line}_checkpoints", tmp_path / "ar")
         run_text_pretrain(params, paths, objective, Tracker(), torch.device("cpu"))
         model, _, _ = load_lm(paths.out)
         scored = score(model, objective, data, params)
-        last = [row for row in curve if row["objective"] == objective][-1]
+        last = [row for row in curve if row["model"] == line][-1]
         assert float(last["bpc"]) == pytest.approx(scored["bpc" if objective == "ar" else "bpc_bound"], rel=1e-6)
 
 
@@ -171,8 +185,9 @@ def test_bad_params_stop_in_one_line_before_anything_is_written(workspace: Path,
 
 
 def test_the_first_point_below_the_ngram_is_the_crossover() -> None:
-    rows = [{"objective": objective, "step": step, "tokens": 10 * step, "seconds": float(step), "flops": 1e9 * step,
-             "bpc": bpc} for objective, scores in (("ar", [3.0, 1.9, 2.1, 1.5]), ("mdm", [4.0, 3.5, 3.0, 2.5]))
+    rows = [{"model": objective, "objective": objective, "step": step, "tokens": 10 * step, "seconds": float(step),
+             "flops": 1e9 * step, "bpc": bpc}
+            for objective, scores in (("ar", [3.0, 1.9, 2.1, 1.5]), ("mdm", [4.0, 3.5, 3.0, 2.5]))
             for step, bpc in enumerate(scores, start=1)]
     summary = summarise(rows, 2.0)
     assert summary["ar"] == {"final_bpc": 1.5, "best_bpc": 1.5, "crossover_seconds": 2.0, "crossover_flops": 2e9}
@@ -198,7 +213,16 @@ def test_study_depends_on_every_file_it_imports_and_declares_every_param_it_logs
     missing = [str(path.relative_to(ROOT)) for path in sorted(_closure(_module_file("stages.text_curve")))
                if not any(path == dep or dep in path.parents for dep in deps)]
     assert not missing, f"studies/dvc.yaml text_curve imports files it does not list in deps: {missing}"
-    assert "data/text/prepared" in spec["deps"]
+    assert "data/text/stdlib" in spec["deps"]
+    # ... the standard library's source, prepared by the study's own text_fetch with the source set for that run
+    fetch = yaml.safe_load((ROOT / "studies/dvc.yaml").read_text())["stages"]["text_fetch_stdlib"]
+    assert fetch["outs"] == ["data/text/stdlib"] and "--set text_data.source=stdlib" in fetch["cmd"]
+    missing = [str(path.relative_to(ROOT)) for path in sorted(_closure(_module_file("stages.text_fetch")))
+               if str(path.relative_to(ROOT)) not in fetch["deps"]]
+    assert not missing, f"studies/dvc.yaml text_fetch_stdlib imports files it does not list in deps: {missing}"
+    overridden = {part.split("=")[0] for part in fetch["cmd"].split() if part.startswith("text_data.")}
+    assert {f"text_data.{key}" for key in ("source", "url", "sha256", "path", "modules", "val_fraction", "tokenizer",
+                                            "vocab_size")} == overridden | set(fetch["params"])
     declared = spec["params"]
     logged = logged_params(load_params(ROOT / "params.yaml"))
     assert all(any(key == p or key.startswith(f"{p}.") for p in declared) for key in logged), (logged, declared)

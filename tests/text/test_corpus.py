@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline_lib.core.download import sha256_file
-from pipeline_lib.core.errors import DataError
+from pipeline_lib.core.errors import ConfigError, DataError
 from pipeline_lib.text.data import corpus
 from pipeline_lib.text.data.corpus import prepare_text, read_source, read_text_meta, read_tokens, split_text
 from pipeline_lib.text.data.tokenizer import CharTokenizer, load_tokenizer
@@ -189,13 +189,95 @@ def test_folder_with_a_non_utf8_file_names_the_file(tmp_path: Path) -> None:
     assert not (tmp_path / "text").exists()
 
 
+# --------------------------------------------------------------------------------------------- stdlib
+
+# A toy standard library: what `stdlib` reads (in this order) and what it must skip, written out of order.
+TOY_LIBRARY = {
+    "zipfile.py": "import io\n",
+    "a/b.py": "def b():\n    return 2\n",
+    "abc.py": "class ABC:\n    pass\n",
+    "a/__init__.py": "from a.b import b\n",
+    "a/test/test_b.py": "assert False\n",
+    "test/test_abc.py": "assert False\n",
+    "a/tests/t.py": "assert False\n",
+    "site-packages/torch/__init__.py": "third party\n",
+    "encodings/cp1252.py": "decoding_table = ()\n",
+    "pydoc_data/topics.py": "topics = {}\n",
+    "a/__pycache__/b.py": "stale\n",
+    "empty/__init__.py": "",
+    "README.txt": "not python\n",
+}
+TOY_ORDER = ["a/__init__.py", "a/b.py", "abc.py", "empty/__init__.py", "zipfile.py"]
+
+
+@pytest.fixture
+def toy_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`TOY_LIBRARY` written under tmp_path/lib, standing in for this Python's standard library folder."""
+    root = tmp_path / "lib"
+    for name, text in TOY_LIBRARY.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text, encoding="utf-8")
+    monkeypatch.setattr(corpus, "stdlib_root", lambda: root)
+    return root
+
+
+def test_stdlib_reads_the_library_source_in_path_order_without_tests_packages_or_tables(toy_library: Path) -> None:
+    read = read_source("stdlib", cache_dir=toy_library.parent / "c")
+    assert read.text == "\n\n".join(TOY_LIBRARY[name] for name in TOY_ORDER)
+    assert read.origin["origin"] == "stdlib" and read.origin["num_files"] == len(TOY_ORDER)
+    assert read.origin["num_bytes"] == len(read.text.encode("utf-8"))
+    assert read.origin["source_sha256"] == _sha(read.text.encode("utf-8"))
+    assert read.origin["python_version"].count(".") == 2
+    only_a = read_source("stdlib", modules=["a"], cache_dir=toy_library.parent / "c")
+    assert only_a.text == TOY_LIBRARY["a/__init__.py"] + "\n\n" + TOY_LIBRARY["a/b.py"]
+    both = read_source("stdlib", modules=["zipfile", "abc"], cache_dir=toy_library.parent / "c")
+    assert both.text == TOY_LIBRARY["abc.py"] + "\n\n" + TOY_LIBRARY["zipfile.py"]  # path order, not the list's
+
+
+@pytest.mark.parametrize(
+    ("modules", "error", "match"),
+    [
+        (["nosuch"], ConfigError, r"text_data\.modules: 'nosuch' is no module or package of the standard library"),
+        (["encodings"], ConfigError, r"text_data\.modules: 'encodings' is no module.*excluded folders"),
+        (["empty"], DataError, r"text_data\.modules=\['empty'\]: the selected standard library files hold no text"),
+        ([], ValueError, r"text_data\.modules=\[\]: must be null \(the whole library\) or a non-empty list"),
+    ],
+)
+def test_stdlib_selection_that_yields_no_text_is_refused_naming_the_key(
+    toy_library: Path, modules: list[str], error: type[Exception], match: str
+) -> None:
+    out = toy_library.parent / "text"
+    with pytest.raises(error, match=match):
+        prepare_text("stdlib", modules=modules, out_dir=out, cache_dir=toy_library.parent / "c")
+    assert not out.exists()
+
+
+def test_stdlib_of_this_python_is_deterministic_and_its_meta_says_what_it_read(tmp_path: Path) -> None:
+    root = corpus.stdlib_root()
+    files = sorted(path.relative_to(root).as_posix() for path in (root / "json").rglob("*.py")
+                   if "__pycache__" not in path.parts and "tests" not in path.parts)
+    text = "\n\n".join((root / name).read_text(encoding="utf-8") for name in files)
+    metas = [prepare_text("stdlib", modules=["json"], tokenizer="bpe", vocab_size=300, out_dir=tmp_path / f"t{run}",
+                          cache_dir=tmp_path / "c") for run in range(2)]
+    assert metas[0] == metas[1]  # the same files, bytes, split and tokenizer every time
+    meta = metas[0]
+    assert meta["source"] == "stdlib" and meta["num_files"] == len(files) >= 4
+    assert meta["source_sha256"] == _sha(text.encode("utf-8")) and meta["num_bytes"] == len(text.encode("utf-8"))
+    assert meta["num_chars"]["train"] + meta["num_chars"]["val"] == len(text)
+    import platform
+
+    assert meta["python_version"] == platform.python_version()
+
+
 # ---------------------------------------------------------------------------------------- validation
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"source": "wiki"}, r"text_data\.source='wiki': must be one of 'embedded', 'url', 'folder'"),
+        ({"source": "wiki"}, r"text_data\.source='wiki': must be one of 'embedded', 'url', 'folder', 'stdlib'"),
+        ({"source": "embedded", "modules": ["json"]}, r"text_data\.modules=\['json'\]: only used with "
+                                                      r"text_data\.source='stdlib'"),
         ({"source": "url", "url": URL}, r"text_data\.sha256: required with text_data\.source='url'"),
         ({"source": "url", "sha256": ZEROS}, r"text_data\.url: required with text_data\.source='url'"),
         ({"source": "url", "url": URL, "sha256": "abc"}, r"text_data\.sha256='abc': must be 64 hex"),

@@ -22,17 +22,19 @@ CORPUS = "the cat sat on the mat.\n" * 40 + "a dog ran.\n" * 10
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny trained model folder per objective (seq_len 16)."""
+    """A tiny trained model folder per objective (seq_len 16); mdm adapted from the ar model, as by default."""
     root = tmp_path_factory.mktemp("lm")
     (root / "corpus").mkdir()
     (root / "corpus" / "a.txt").write_text(CORPUS)
     prepare_text("folder", path=root / "corpus", val_fraction=0.2, out_dir=root / "data", cache_dir=root / "c")
     params = params_from_dict({"device": "cpu", "text_model": {"d_model": 16, "n_layer": 1, "n_head": 2, "seq_len": 16},
-                               "text_pretrain": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0.0}})
+                               "text_pretrain": {"epochs": 1, "mdm_epochs": 1, "batch_size": 8,
+                                                 "warmup_epochs": 0.0}})
+    assert params.text_pretrain.mdm_init == "ar"
     out = {}
     for objective in ("ar", "mdm"):
         paths = LMPaths(root / "data", root / objective, root / f"{objective}.json", root / f"p{objective}",
-                        root / f"c{objective}")
+                        root / f"c{objective}", root / "ar")
         run_text_pretrain(params, paths, objective, Tracker(), torch.device("cpu"))
         out[objective] = paths.out
     return out

@@ -47,7 +47,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _run(corpus: Path, tmp_path: Path, objective: str = "ar", **sections: dict[str, Any]) -> tuple[
         dict[str, Any], LMPaths, Recorder]:
     model = {"d_model": 16, "n_layer": 2, "n_head": 2, "seq_len": 8, **sections.get("text_model", {})}
-    pretrain = {"epochs": 1, "batch_size": 4, "warmup_epochs": 0.0, "log_every": 1, **sections.get("text_pretrain", {})}
+    pretrain = {"epochs": 1, "batch_size": 4, "warmup_epochs": 0.0, "log_every": 1, "mdm_init": "scratch",
+                **sections.get("text_pretrain", {})}  # each architecture from fresh weights
     params = params_from_dict({"device": "cpu", "text_model": model, "text_pretrain": pretrain})
     paths = LMPaths(corpus, tmp_path / "model", tmp_path / "m.json", tmp_path / "plots", tmp_path / "ck")
     recorder = Recorder()

@@ -3,7 +3,8 @@
 The path under test: the folder `text_pretrain@mdm` writes -> `finetune.start_model` (`load_lm`, the task
 tokenizer, `grow_vocab`) -> the SFT trainer's masking -> `save_task_model` -> `load_lm` of the task model. Each
 step must keep the pretrained weights, the bidirectional attention and a MASK id just outside the grown vocabulary
-(the old MASK id is `<answer>`'s id in the task tokenizer).
+(the old MASK id is `<answer>`'s id in the task tokenizer). Each test runs for a model from fresh weights and for one
+adapted from the AR model (`text_pretrain.mdm_init: ar`), which keeps the AR layout (`shift`) through every step.
 """
 
 from __future__ import annotations
@@ -34,12 +35,18 @@ EXAMPLES = [Example(f"{a}+{b}=", str(a + b)) for a, b in [(1, 2), (12, 3), (4, 5
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def pretrained_folder(folder: Path) -> TransformerLM:
+@pytest.fixture(params=[False, True], ids=["scratch", "adapted-from-ar"])
+def shift(request: pytest.FixtureRequest) -> bool:
+    """Whether the pretrained masked model is one adapted from the AR model (shifted outputs)."""
+    return request.param
+
+
+def pretrained_folder(folder: Path, shift: bool = False) -> TransformerLM:
     """A masked model folder as `text_pretrain@mdm` writes it, with weights far from their initialisation (norm
     gains included), so that a weight rebuilt instead of loaded shows."""
     tokenizer = CharTokenizer.fit("0123456789+= ", vocab_size=0)
     torch.manual_seed(0)
-    model = TransformerLM(tokenizer.vocab_size, causal=False, mask_token=True, **TINY)
+    model = TransformerLM(tokenizer.vocab_size, causal=False, mask_token=True, shift=shift, **TINY)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.5 * torch.randn_like(parameter))
@@ -57,8 +64,8 @@ def sample_ids(vocab_size: int, mask_id: int) -> Tensor:
     return ids
 
 
-def test_start_model_keeps_the_pretrained_masked_model(tmp_path: Path) -> None:
-    pretrained = pretrained_folder(tmp_path / "mdm")
+def test_start_model_keeps_the_pretrained_masked_model(tmp_path: Path, shift: bool) -> None:
+    pretrained = pretrained_folder(tmp_path / "mdm", shift)
     V = pretrained.vocab_size
     paths = SFTPaths(tmp_path / "task", tmp_path / "data", tmp_path / "mdm", tmp_path / "out", tmp_path / "m.json",
                      tmp_path / "plots", tmp_path / "checkpoints")
@@ -69,8 +76,9 @@ def test_start_model_keeps_the_pretrained_masked_model(tmp_path: Path) -> None:
     assert tokenizer.token_id(ANSWER_OPEN) == pretrained.mask_id  # so the old MASK id must not stay the MASK id
     assert model.vocab_size == tokenizer.vocab_size == V + 3
     assert model.mask_id == V + 3
-    # bidirectional, as pretrained
+    # bidirectional and in the pretrained layout
     assert not model.causal and not any(block.attn.causal for block in model.blocks)
+    assert model.shift == shift
     # every pretrained weight arrives: the blocks and norms as saved, the token rows, and the MASK row at its new id
     old, new = pretrained.state_dict(), model.state_dict()
     assert old.keys() == new.keys()
@@ -89,8 +97,8 @@ def test_start_model_keeps_the_pretrained_masked_model(tmp_path: Path) -> None:
     assert torch.allclose(after[..., :V], before, atol=1e-5)
 
 
-def test_sft_masks_with_the_moved_mask_id_and_the_task_model_reloads(tmp_path: Path) -> None:
-    pretrained_folder(tmp_path / "mdm")
+def test_sft_masks_with_the_moved_mask_id_and_the_task_model_reloads(tmp_path: Path, shift: bool) -> None:
+    pretrained_folder(tmp_path / "mdm", shift)
     paths = SFTPaths(tmp_path / "task", tmp_path / "data", tmp_path / "mdm", tmp_path / "out", tmp_path / "m.json",
                      tmp_path / "plots", tmp_path / "checkpoints")
     model, tokenizer = start_model(params_from_dict({}), paths, "mdm")
@@ -119,7 +127,8 @@ def test_sft_masks_with_the_moved_mask_id_and_the_task_model_reloads(tmp_path: P
     task = {"eos_id": tokenizer.token_id("<eos>"), "prompt_len": 6, "answer_tokens": 8}
     save_task_model(model, tokenizer, "mdm", task, out)
     loaded, loaded_tokenizer, config = load_lm(out)
-    assert (loaded.vocab_size, loaded.mask_id, loaded.causal) == (model.vocab_size, model.mask_id, False)
+    assert (loaded.vocab_size, loaded.mask_id, loaded.causal, loaded.shift) == (model.vocab_size, model.mask_id,
+                                                                                 False, shift)
     assert loaded_tokenizer.vocab_size == tokenizer.vocab_size and config["task"] == task
     ids = torch.from_numpy(rows.ids[:2]).masked_fill(torch.from_numpy(rows.roles[:2] >= ROLE.ANSWER), model.mask_id)
     with torch.no_grad():

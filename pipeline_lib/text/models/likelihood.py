@@ -3,7 +3,8 @@
 - `ar_nats`: a causal model, teacher-forced in sliding windows of its `max_len` (`sliding_windows`), so every id
   but the first is scored once and, like an n-gram's, with context: the exact next-token NLL.
 - `mdm_nats`: a masked model, on consecutive windows of its `max_len` (`consecutive_windows`), each scored on its
-  own by LLaDA's Monte Carlo upper bound (`losses.mdm_nll_bound`) with a fixed seed and sample count.
+  own by LLaDA's Monte Carlo upper bound (`losses.mdm_nll_bound`) with a fixed seed and sample count; a shifted
+  model (`TransformerLM.shift`) is given each window's first id as context.
 
 Put the model in eval mode first. The evaluation turns nats into bits per character (`text.evaluate`).
 """
@@ -75,8 +76,9 @@ def ar_nats(model: TransformerLM, tokens: np.ndarray, *, stride: int) -> float:
 
 
 @torch.no_grad()
-def mdm_nats(model: TransformerLM, windows: np.ndarray, *, num_samples: int, seed: int) -> float:
-    """Total Monte Carlo NLL bound (nats) of the first `seq_len` ids of each window, each scored on its own.
+def mdm_nats(model: TransformerLM, windows: np.ndarray, *, num_samples: int, seed: int, context: int = 0) -> float:
+    """Total Monte Carlo NLL bound (nats) of the first `max_len` ids of each window, each scored on its own; the
+    first `context` ids of a window are given, never masked or scored.
 
     Raises:
         ValueError: the model has no mask token.
@@ -86,6 +88,7 @@ def mdm_nats(model: TransformerLM, windows: np.ndarray, *, num_samples: int, see
     generator = torch.Generator().manual_seed(seed)
     total = torch.zeros(())
     for start in range(0, len(windows), EVAL_BATCH):
-        ids = torch.from_numpy(windows[start : start + EVAL_BATCH, :-1].astype(np.int64))  # (b, L)
-        total += mdm_nll_bound(model, ids, mask_id=model.mask_id, num_samples=num_samples, generator=generator).sum()
+        ids = torch.from_numpy(windows[start : start + EVAL_BATCH, : model.max_len].astype(np.int64))  # (b, L)
+        total += mdm_nll_bound(model, ids, mask_id=model.mask_id, num_samples=num_samples, generator=generator,
+                               context=context).sum()
     return float(total)

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline_lib.core.trainer import Batch
@@ -68,7 +69,8 @@ class Objective(abc.ABC):
         return TransformerLM(vocab_size, causal=self.causal, mask_token=self.mask_token, **architecture)
 
     @abc.abstractmethod
-    def pretrain_loss(self, forward: Forward, batch: Batch, *, mask_id: int | None, eps: float) -> dict[str, Tensor]:
+    def pretrain_loss(self, forward: Forward, batch: Batch, *, mask_id: int | None, eps: float, context: int = 0,
+                      anneal: float | None = None) -> dict[str, Tensor]:
         """The language-modelling loss (and other scalars to log) of `batch.inputs`, (b, L + 1) ids.
 
         Args:
@@ -76,6 +78,9 @@ class Objective(abc.ABC):
             batch: this process's rows of the step's global batch, with the step's generator.
             mask_id: the model's MASK id (None without one).
             eps: the smallest masking probability (`text_pretrain.mdm_eps`).
+            context: the model's leading positions that are never predicted (`TransformerLM.context`).
+            anneal: the attention annealing of an AR-initialised masked model: each query reads each later key
+                with this probability, every earlier one always (None: the model's own attention).
         """
 
     @abc.abstractmethod
@@ -113,6 +118,18 @@ class Objective(abc.ABC):
         Carlo draws of a bound). Put the model in eval mode."""
 
 
+def annealed_attention(length: int, fraction: float, generator: torch.Generator | None) -> Tensor:
+    """DiffuGPT's attention annealing: (length, length) bool, True where query i reads key j: every j <= i (the
+    causal pattern), and each later key with probability `fraction` (0: causal; 1: bidirectional).
+
+    Examples:
+        >>> annealed_attention(3, 0.0, None).int().tolist()
+        [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    """
+    later = torch.rand(length, length, generator=generator) < fraction
+    return later | torch.ones(length, length, dtype=torch.bool).tril()
+
+
 def _required(mask_id: int | None) -> int:
     if mask_id is None:
         raise ValueError("mdm needs a model with a mask token (mask_token=True)")
@@ -131,7 +148,8 @@ class AR(Objective):
     bpc_key = "bpc"
     bpc_is_bound = False
 
-    def pretrain_loss(self, forward: Forward, batch: Batch, *, mask_id: int | None, eps: float) -> dict[str, Tensor]:
+    def pretrain_loss(self, forward: Forward, batch: Batch, *, mask_id: int | None, eps: float, context: int = 0,
+                      anneal: float | None = None) -> dict[str, Tensor]:
         ids = batch.inputs  # (b, L + 1)
         return {"loss": ar_loss(forward(ids[:, :-1]), ids[:, 1:])}
 
@@ -171,16 +189,24 @@ class MDM(Objective):
     bpc_key = "bpc_bound"
     bpc_is_bound = True
 
-    def pretrain_loss(self, forward: Forward, batch: Batch, *, mask_id: int | None, eps: float) -> dict[str, Tensor]:
+    def pretrain_loss(self, forward: Forward, batch: Batch, *, mask_id: int | None, eps: float, context: int = 0,
+                      anneal: float | None = None) -> dict[str, Tensor]:
+        """LLaDA's loss over the window's positions from `context` on (the others are never masked)."""
         mask_id = _required(mask_id)
         clean = batch.inputs[:, :-1]  # (b, L)
+        length = clean.shape[1]
         # Masks are drawn for the step's whole global batch, then this process keeps its rows (the base trainer's
         # rule), so N processes mask exactly what one process would.
-        _, masked, p = mdm_corrupt(torch.zeros(batch.global_size, clean.shape[1], dtype=torch.long), mask_id=mask_id,
-                                   eps=eps, generator=batch.generator)
+        _, masked, p = mdm_corrupt(torch.zeros(batch.global_size, length - context, dtype=torch.long),
+                                   mask_id=mask_id, eps=eps, generator=batch.generator)
+        masked = F.pad(masked, (context, 0))  # (B, L): the context positions stay visible
         masked, p = masked[batch.rows].to(clean.device), p[batch.rows].to(clean.device)
-        logits = forward(clean.masked_fill(masked, mask_id))
-        return {"loss": mdm_loss(logits, clean, masked, p), "mask_rate": masked.float().mean()}
+        extra: dict[str, Any] = {}
+        if anneal is not None:  # one pattern for the step's whole batch, from the step's generator
+            extra["attention"] = annealed_attention(length, anneal, batch.generator).to(clean.device)
+        logits = forward(clean.masked_fill(masked, mask_id), **extra)
+        loss = mdm_loss(logits[:, context:], clean[:, context:], masked[:, context:], p)
+        return {"loss": loss, "mask_rate": masked[:, context:].float().mean()}
 
     def sft_loss(self, forward: Forward, batch: Batch, ids: Tensor, *, key_mask: Tensor, answer: Tensor,
                  response: Tensor, mask_id: int | None, eps: float) -> dict[str, Tensor]:
@@ -206,9 +232,12 @@ class MDM(Objective):
 
     def validation_nats(self, model: TransformerLM, tokens: np.ndarray, *, num_samples: int,
                         seed: int) -> tuple[float, int]:
-        """The tokens of consecutive `max_len` windows, each scored on its own."""
-        windows = consecutive_windows(tokens, model.max_len)
-        return mdm_nats(model, windows, num_samples=num_samples, seed=seed), windows.shape[0] * model.max_len
+        """The tokens of consecutive `max_len` windows, each scored on its own; a shifted model's windows overlap
+        by its one context token (the previous window's last), so each token is still scored once."""
+        length, context = model.max_len, model.context
+        windows = consecutive_windows(tokens, length - context)[:, :length]  # (N, max_len)
+        nats = mdm_nats(model, windows, num_samples=num_samples, seed=seed, context=context)
+        return nats, windows.shape[0] * (length - context)
 
 
 OBJECTIVES: dict[str, Objective] = {"ar": AR(), "mdm": MDM()}

@@ -109,11 +109,14 @@ def _check_mdm_args(model: TransformerLM, prompt_ids: Tensor, *, gen_length: int
         raise ValueError(f"gen_length={gen_length}: must be >= 1")
     if block_length < 1:
         raise ValueError(f"block_length={block_length}: must be >= 1")
-    size = min(block_length, gen_length, model.max_len)  # a block fits the answer and the model's window
+    # A block fits the answer and the model's window, beside the context a shifted model reads first.
+    context = getattr(model, "context", 0)
+    room = model.max_len - context
+    size = min(block_length, gen_length, room)
     num_blocks = -(-gen_length // size)  # ceil
     if steps is not None and (steps < 1 or steps % num_blocks):
-        capped = f" (block_length={block_length} capped at max_len={model.max_len})" if size < min(
-            block_length, gen_length) else ""
+        limit = f"max_len={model.max_len}" if not context else f"max_len - {context} = {room}"
+        capped = f" (block_length={block_length} capped at {limit})" if size < min(block_length, gen_length) else ""
         raise ValueError(f"steps={steps}: must be a positive multiple of the number of blocks ceil(gen_length / "
                          f"block_length) = ceil({gen_length} / {size}) = {num_blocks}{capped}, or None for one "
                          f"model call per answer token")
@@ -209,7 +212,7 @@ def generate_mdm(
         steps: model calls in all, a positive multiple of the number of blocks ceil(gen_length / block_length);
             None: one call per answer token.
         block_length: tokens per block, >= 1; capped at `gen_length` (one block, no semi-AR) and at
-            `model.max_len` (a block must fit the window).
+            `model.max_len`, less a shifted model's context position (a block must fit the window).
         temperature: Gumbel noise scale; 0 commits the argmax.
         mask_id: the MASK id, outside the model's vocabulary.
         generator: source of the Gumbel noise, on the device of `prompt_ids` (None: the global RNG).

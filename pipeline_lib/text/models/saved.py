@@ -40,6 +40,6 @@ def load_lm(folder: Path, device: torch.device | str = "cpu") -> tuple[Transform
     moe = config.get("moe")
     model = resolve_objective(config["objective"]).build(
         config["vocab_size"], d_model=config["d_model"], n_layer=config["n_layer"], n_head=config["n_head"],
-        max_len=config["max_len"], moe=TextMoEParams(**moe) if moe else None)
+        max_len=config["max_len"], moe=TextMoEParams(**moe) if moe else None, shift=config.get("shift", False))
     model.load_state_dict(load_file(folder / WEIGHTS_FILE))
     return model.to(device).eval(), load_tokenizer(folder / TOKENIZER_FILE), config

@@ -16,6 +16,9 @@ Parts, as in LLaMA-style models and nanoGPT's layout (karpathy/nanoGPT `model.py
 - The output head is the token embedding's first `vocab_size` rows (weight tying, as in nanoGPT): logits never
   include the mask id, which lives in an extra embedding row outside the vocabulary.
 - Optionally, DeepSeek-V3's mixture of experts in place of the feed-forward (`moe`, see `models.moe`).
+- Optionally (`shift`), the AR convention kept by a masked model adapted from an AR one (DiffuGPT: Gong et al.
+  2025, "Scaling Diffusion Language Models via Adaptation from Autoregressive Models"): the hidden state at
+  position i predicts token i + 1, so `forward` returns the head's output moved one position right.
 """
 
 from __future__ import annotations
@@ -171,6 +174,9 @@ class TransformerLM(nn.Module):
         dropout: on the embeddings, the attention weights and both residual branches.
         moe: the `text_model.moe` section when enabled: blocks from `moe.dense_layers` on get a mixture-of-experts
             feed-forward; None keeps every block dense.
+        shift: the logits of position i come from the hidden state at position i - 1 (a masked model adapted from
+            an autoregressive one keeps its next-token layout); position 0 has nothing before it, and its logits are
+            0 (uniform): it is context, never predicted. Needs a bidirectional model.
 
     Attributes:
         mask_id: `vocab_size` with `mask_token`, else None.
@@ -193,14 +199,18 @@ class TransformerLM(nn.Module):
         mask_token: bool = False,
         dropout: float = 0.0,
         moe: TextMoEParams | None = None,
+        shift: bool = False,
     ) -> None:
         super().__init__()
+        if shift and causal:
+            raise ValueError("shift=True is for a bidirectional model: a causal model's position i already "
+                             "predicts token i + 1")
         if d_model % n_head or (d_model // n_head) % 2:
             raise ValueError(f"n_head={n_head} must divide d_model={d_model} into heads of even width (for RoPE)")
         if vocab_size < 1 or n_layer < 1 or max_len < 1:
             raise ValueError(f"vocab_size={vocab_size}, n_layer={n_layer} and max_len={max_len} must be >= 1")
         self.vocab_size, self.max_len, self.causal, self.n_layer = vocab_size, max_len, causal, n_layer
-        self.n_head, self.moe = n_head, moe
+        self.n_head, self.moe, self.shift = n_head, moe, shift
         self.mask_id: int | None = vocab_size if mask_token else None
         self.embed = nn.Embedding(vocab_size + int(mask_token), d_model)  # rows [:V] double as the output head
         self.drop = nn.Dropout(dropout)
@@ -246,26 +256,36 @@ class TransformerLM(nn.Module):
         return self.num_params() - mlp + round(self.active_mlp_params() * self.n_layer)
 
     def architecture(self) -> dict[str, Any]:
-        """The architecture as JSON-ready values, for a model folder's `config.json` (`text.lm.load_lm` rebuilds the
-        model from them and the objective, which sets `causal` and the MASK id); `moe` is the mixture-of-experts
-        section as a mapping, or None."""
+        """The architecture as JSON-ready values, for a model folder's `config.json` (`models.saved.load_lm`
+        rebuilds the model from them and the objective, which sets `causal` and the MASK id); `moe` is the
+        mixture-of-experts section as a mapping, or None."""
         return {"vocab_size": self.vocab_size, "d_model": self.embed.weight.shape[1], "n_layer": self.n_layer,
                 "n_head": self.n_head, "max_len": self.max_len,
-                "moe": dataclasses.asdict(self.moe) if self.moe is not None else None}
+                "moe": dataclasses.asdict(self.moe) if self.moe is not None else None, "shift": self.shift}
+
+    @property
+    def context(self) -> int:
+        """Leading positions every sequence must give as context, never predicted: 1 with `shift`, else 0."""
+        return int(self.shift)
 
     def positions(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """The rotary tables (cos, sin), each (length, hs/2), for positions 0 .. length - 1."""
         return self.rotary(torch.arange(length, device=device))
 
-    def trunk(self, ids: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    def trunk(self, ids: Tensor, key_mask: Tensor | None = None, attention: Tensor | None = None) -> Tensor:
         """(B, T) ids -> (B, T, C) the last block's output, before the final norm (what `head` and multi-token
-        prediction read); `key_mask` as in `forward`."""
+        prediction read); `key_mask` and `attention` as in `forward`."""
         if ids.ndim != 2:
             raise ValueError(f"ids must be (B, T), got shape {tuple(ids.shape)}")
         length = ids.shape[1]  # T
         if length > self.max_len:
             raise ValueError(f"sequence of length {length} is longer than max_len={self.max_len}")
         attn_mask = None
+        if attention is not None:
+            if attention.shape != (length, length) or attention.dtype != torch.bool:
+                raise ValueError(f"attention must be bool of shape ({length}, {length}), got {attention.dtype} "
+                                 f"{tuple(attention.shape)}")
+            attn_mask = (attention | torch.eye(length, dtype=torch.bool, device=ids.device))[None, None]
         if key_mask is not None:
             if key_mask.shape != ids.shape or key_mask.dtype != torch.bool:
                 raise ValueError(f"key_mask must be bool of the ids' shape {tuple(ids.shape)}, got "
@@ -274,7 +294,7 @@ class TransformerLM(nn.Module):
             allowed = key_mask[:, None, :] | eye  # (B, T, T): query i reads key j
             if self.causal:
                 allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
-            attn_mask = allowed[:, None]  # (B, 1, T, T), shared by the heads
+            attn_mask = allowed[:, None] if attn_mask is None else allowed[:, None] & attn_mask  # (B, 1, T, T)
         cos, sin = self.positions(length, ids.device)  # (T, hs/2) each
         x = self.drop(self.embed(ids))  # (B, T, C)
         for block in self.blocks:
@@ -285,15 +305,23 @@ class TransformerLM(nn.Module):
         """(B, T, C) hidden states -> (B, T, V) logits: final norm, then the tied output rows."""
         return F.linear(self.norm(hidden), self.embed.weight[: self.vocab_size])  # the mask row is never a class
 
-    def forward(self, ids: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    def forward(self, ids: Tensor, key_mask: Tensor | None = None, attention: Tensor | None = None) -> Tensor:
         """(B, T) token ids, T <= max_len, the mask id allowed with `mask_token` -> logits (B, T, vocab_size).
 
         `key_mask` (B, T) bool marks the real tokens of a padded batch: no position reads a padding position
         (False), so the logits of the real positions are those of the unpadded sequence wherever the padding
         sits (left padding keeps the relative positions RoPE sees). A padding position reads only itself; its
         logits are meaningless.
+
+        `attention` (T, T) bool, True where query i may read key j (every position always reads itself), replaces
+        the model's own pattern for this call: the attention annealing of an AR-initialised masked model.
+
+        With `shift`, the logits at position i are the head's output at position i - 1, and position 0's are 0.
         """
-        return self.head(self.trunk(ids, key_mask))
+        logits = self.head(self.trunk(ids, key_mask, attention))
+        if self.shift:
+            logits = torch.cat([torch.zeros_like(logits[:, :1]), logits[:, :-1]], dim=1)
+        return logits
 
 
 def grow_vocab(model: TransformerLM, new_tokens: int) -> TransformerLM:
