@@ -66,22 +66,45 @@ TASK_COLUMNS = {"accuracy": "greedy", "pass_at_1": "pass@1", "maj_at_16": "maj@1
                 "format_rate": "format"}
 CLAIM_PAIRS = {"grpo_minus_shuffled": "GRPO - shuffled reward", "grpo_minus_sft": "GRPO - SFT",
                "grpo_minus_rft": "GRPO - RFT"}
+CURVE_MEANS = ("ssl", "semi", "scratch", "pixels_svm", "pixels_label_spreading")
+CURVE_PAIRS = ("ssl_minus_scratch", "semi_minus_ssl", "semi_minus_scratch")
 CLAIM_COLUMNS = {f"{key}": label for key, label in TASK_COLUMNS.items() if key != "format_rate"}
 
 HEADLINE: tuple[Table, ...] = (
     Table(
         "Vision: test top-1", "evaluate.json", ("model", "top-1"),
         (Row("SSL: finetuned from the pretrained encoder", ("ssl.top1",)),
+         Row("semi-supervised: the SSL model trained on with the unlabeled images", ("semi.top1",)),
          Row("scratch: same model and labels, random init", ("scratch.top1",)),
          Row("pixels: logistic regression", ("baselines.pixels_logreg.top1",)),
          Row("pixels: RBF SVM, C and gamma by CV on labeled", ("baselines.pixels_svm.top1",)),
+         Row("pixels: LabelSpreading with the unlabeled pool, by CV on labeled",
+             ("baselines.pixels_label_spreading.top1",)),
          Row("encoder: kNN", ("encoder.knn_top1",)),
          Row("encoder: linear probe", ("encoder.linear_probe_top1",)),
          Row("SSL gain over scratch", ("gain.top1",), signed=True),
-         Row("SSL gain over the pixel SVM", ("gain.ssl_vs_pixels_svm",), signed=True)),
-        note="{} labeled images (label fraction {}), {} test images; the pixel SVM's C {}, gamma {}.",
+         Row("semi-supervised gain over SSL", ("gain.semi_vs_ssl",), signed=True),
+         Row("semi-supervised gain over the pixel SVM", ("gain.semi_vs_pixels_svm",), signed=True),
+         Row("SSL gain over the pixel SVM", ("gain.ssl_vs_pixels_svm",), signed=True),
+         Row("SSL gain over pixel LabelSpreading", ("gain.ssl_vs_pixels_label_spreading",), signed=True)),
+        note="{} labeled images (label fraction {}), {} test images; the pixel SVM's C {}, gamma {}; LabelSpreading's "
+             "kernel {}, alpha {}.",
         note_keys=("labels.labeled_images", "labels.label_fraction", "labels.test_images",
-                   "baselines.pixels_svm.C", "baselines.pixels_svm.gamma"),
+                   "baselines.pixels_svm.C", "baselines.pixels_svm.gamma",
+                   "baselines.pixels_label_spreading.kernel", "baselines.pixels_label_spreading.alpha"),
+    ),
+    Table(
+        "Vision: test top-1 against the label fraction, paired over the labeled draws (mean [95% interval])",
+        "label_curve.json",
+        ("labels", "SSL", "semi", "scratch", "pixels: SVM", "pixels: LabelSpreading", "SSL - scratch", "semi - SSL",
+         "semi - scratch"),
+        tuple(Row(f"{fraction:g}%", (*(f"points.p{fraction:g}.{method}" for method in CURVE_MEANS),
+                                     *(f"points.p{fraction:g}.{pair}" for pair in CURVE_PAIRS)))
+              for fraction in (1, 2, 5, 10, 25, 50)),
+        note="From `dvc repro studies/dvc.yaml:label_curve`, on {} test images: each draw is a labeled set and a "
+             "training seed, the same for every model; the pixel methods fit the same labeled images (and "
+             "LabelSpreading the unlabeled pool), with their hyperparameters by CV on them.",
+        note_keys=("test_images",), study="label_curve",
     ),
     Table(
         "Vision RL: the post-trained policy against its controls (test)", "rl.json",

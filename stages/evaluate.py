@@ -1,7 +1,7 @@
 """DVC stage `evaluate`: test-split metrics of the finetuned classifiers, encoder probes, pixel baselines, SSL gain.
 
 Usage: python -m stages.evaluate --params params.yaml --data data/prepared --encoder models/pretrain
-           --classifier ssl=models/finetune --classifier scratch=models/finetune_scratch
+           --classifier ssl=models/finetune --classifier scratch=models/finetune_scratch --classifier semi=models/semi
            --metrics metrics/evaluate.json --plots plots/evaluate
 """
 
@@ -21,7 +21,7 @@ from pipeline_lib.vision.evaluate import EvaluatePaths, run_evaluate
 def main() -> None:
     parser = stage_parser(__doc__, "data", "encoder", "metrics", "plots")
     parser.add_argument("--classifier", type=classifier, action="append", required=True,
-                        help="NAME=FOLDER of a finetuned classifier; repeat (ssl, scratch)")
+                        help="NAME=FOLDER of a finetuned classifier; repeat (ssl, scratch, semi)")
     args = parser.parse_args()
     paths = EvaluatePaths(args.data, args.encoder, dict(args.classifier), args.metrics, args.plots)
     run_stage(Stage(
@@ -43,12 +43,16 @@ def classifier(text: str) -> tuple[str, Path]:
 
 
 def report(summary: dict[str, Any], classifiers: dict[str, Path]) -> str:
-    line = {f"{name}.top1": summary[name]["top1"] for name in classifiers}
+    line = {f"{name}.top1": summary[name]["top1"] for name in classifiers if name in summary}  # semi may be off
     line.update({f"gain.{k}": v for k, v in summary.get("gain", {}).items()})
     line.update({f"encoder.{k}": v for k, v in summary["encoder"].items()})
     line.update({f"baselines.{name}.top1": scores["top1"] for name, scores in summary["baselines"].items()})
     svm = summary["baselines"]["pixels_svm"]
-    return ", ".join(f"{k} {v:.4f}" for k, v in line.items()) + f" (svm C {svm['C']:g}, gamma {svm['gamma']:g})"
+    chosen = f"svm C {svm['C']:g}, gamma {svm['gamma']:g}"
+    if spreading := summary["baselines"].get("pixels_label_spreading"):  # absent over too many images
+        graph = "gamma" if spreading["kernel"] == "rbf" else "n_neighbors"  # the kernel's own parameter
+        chosen += f"; label spreading {spreading['kernel']} {graph} {spreading[graph]:g}, alpha {spreading['alpha']:g}"
+    return ", ".join(f"{k} {v:.4f}" for k, v in line.items()) + f" ({chosen})"
 
 
 if __name__ == "__main__":

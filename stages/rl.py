@@ -1,6 +1,6 @@
-"""DVC stage `rl`: GRPO post-training of the finetuned classifier against the declared reward.
+"""DVC stage `rl`: GRPO post-training of the semi stage's classifier against the declared reward.
 
-Usage: python -m stages.rl --params params.yaml --data data/prepared --classifier models/finetune
+Usage: python -m stages.rl --params params.yaml --data data/prepared --classifier models/semi
            --out models/rl --metrics metrics/rl.json --plots plots/rl --checkpoints checkpoints/rl
 Trains on the rl split, reports on test with the baselines, and registers the post-trained classifier
 (alias challenger). On N processes: torchrun --nproc_per_node N -m stages.rl <same arguments>
@@ -24,8 +24,8 @@ def main() -> None:
         "rl", load_params, device=True, logged=logged_params, report=report,
         check=lambda params: check_inputs(params, paths),  # params the data and the classifier decide
         inputs=lambda _: {"data": prepared_digest(paths.data), "classifier": encoder_digest(paths.classifier)},
-        upstream={"fetch": paths.data, "finetune": paths.classifier},
-        tags=lambda: model_version_tags("finetuned", paths.classifier),
+        upstream={"fetch": paths.data, "semi": paths.classifier},
+        tags=lambda: model_version_tags("classifier", paths.classifier),  # the version GRPO starts from
         # the GRPO trainer's checkpoints (its run is the stage's; the baselines' trainers log nowhere)
         checkpoints=paths.checkpoints_of("grpo"), fingerprint=lambda params: fingerprint(params, paths),
         run=lambda params, tracker, device: run_rl(params, paths, tracker, device),

@@ -1,4 +1,4 @@
-"""The vision track's params sections: data, model, pretrain, finetune, evaluate, rl (validated on load)."""
+"""The vision track's params sections: data, model, pretrain, finetune, semi, evaluate, rl (validated on load)."""
 
 from __future__ import annotations
 
@@ -239,6 +239,69 @@ class ScratchFinetuneParams(FinetuneParams):
     epochs: int = 500  # by CV on labeled (the default data, 10% labels): 100 -> 0.583, 300 -> 0.795, 500 -> 0.861
 
 
+SemiMethod = Literal["fixmatch", "distill", "none"]
+SemiInit = Literal["finetuned", "encoder"]
+
+
+@dataclass(frozen=True)
+class SemiParams(TrainParams):
+    """The semi-supervised step after finetuning: the labeled split and the unlabeled one train one classifier.
+
+    `fixmatch` (Sohn et al. 2020): the model's own prediction on a weak view of each unlabeled image, where its
+    confidence reaches `threshold`, is the target of a strong view (a random affine map and cutout), weighted by
+    `unlabeled_weight`, beside the labeled cross-entropy. `distill` (SimCLRv2's third step, Chen et al. 2020): the
+    frozen finetuned classifier's predictions at `temperature` are the soft targets of every unlabeled image.
+    `none`: models/semi is the finetuned classifier as it is. The student starts from the finetuned classifier
+    (`init: finetuned`) or from the pretrained encoder with a new head (`encoder`). An epoch is a pass over the
+    unlabeled split, `batch_size` unlabeled images a step, each step with `labeled_batch_size` labeled ones.
+    """
+
+    section: ClassVar[str] = "semi"
+
+    method: SemiMethod = "fixmatch"
+    init: SemiInit = "finetuned"
+    epochs: int = 30
+    batch_size: int = 128
+    labeled_batch_size: int = bounded(32, ">= 1", "labeled images a step, beside batch_size unlabeled ones")
+    base_lr: float = 1.0e-2
+    adam_beta2: float = 0.999
+    warmup_epochs: float = 0.0
+    drop_path_rate: float = 0.1
+    layer_decay: float = bounded(0.75, "(0, 1]", "1: off")
+    label_smoothing: float = bounded(0.0, "[0, 1)")  # fixmatch: caps the confidence the threshold needs
+    threshold: float = bounded(0.95, "(0, 1]")
+    unlabeled_weight: float = bounded(1.0, ">= 0")
+    temperature: float = bounded(1.0, "> 0")
+    crop_scale_min: float = bounded(0.7, "(0, 1]", "1: no cropping")  # the weak view (and the labeled images)
+    strong_rotation: float = bounded(30.0, "[0, 180]", "degrees")
+    strong_shift: float = bounded(0.25, "[0, 1]", "fraction of the side")
+    strong_scale_min: float = bounded(0.8, "> 0")
+    strong_scale_max: float = bounded(1.2, "> 0")
+    strong_shear: float = bounded(20.0, "[0, 60]", "degrees")
+    cutout_min: float = bounded(0.125, "[0, 1]", "fraction of the side; 0 with cutout_max 0: off")
+    cutout_max: float = bounded(0.5, "[0, 1]")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require(self.strong_scale_min <= self.strong_scale_max, "strong_scale_max",
+                     f"must be at least {self.dotted('strong_scale_min')}={self.strong_scale_min}")
+        self.require(self.cutout_min <= self.cutout_max, "cutout_max",
+                     f"must be at least {self.dotted('cutout_min')}={self.cutout_min}")
+        self.require(self.labeled_batch_size % self.accumulation_steps == 0, "labeled_batch_size",
+                     f"must be a multiple of {self.dotted('accumulation_steps')}={self.accumulation_steps}")
+
+    def confidence_cap(self, num_classes: int) -> float:
+        """The largest probability the labeled loss's optimum gives a class: 1 - smoothing x (K - 1) / K."""
+        return 1.0 - self.label_smoothing * (num_classes - 1) / num_classes
+
+    def check_threshold(self, num_classes: int) -> None:
+        """fixmatch: a label smoothing that keeps every confidence below the threshold leaves no pseudo-label."""
+        cap = self.confidence_cap(num_classes)
+        self.require(self.method != "fixmatch" or cap >= self.threshold, "label_smoothing",
+                     f"caps the confidence at {cap:.4f} over {num_classes} classes, below "
+                     f"{self.dotted('threshold')}={self.threshold}: no pseudo-label would pass; lower one of them")
+
+
 @dataclass(frozen=True)
 class EvaluateParams(Section):
     """Test-split evaluation: calibration bins, the frozen-encoder probes (kNN, logistic regression) and the
@@ -357,13 +420,14 @@ def check_patch_size(patch_size: int | None, side: int, origin: str, *, own_patc
 @dataclass(frozen=True)
 class VisionParams(CoreParams):
     """The vision track's view of `params.yaml`: the core sections and data, model, pretrain, finetune,
-    finetune_scratch, evaluate and rl, with the checks that span them."""
+    finetune_scratch, semi, evaluate and rl, with the checks that span them."""
 
     data: DataParams = dataclasses.field(default_factory=DataParams)
     model: ModelParams = dataclasses.field(default_factory=ModelParams)
     pretrain: PretrainParams = dataclasses.field(default_factory=PretrainParams)
     finetune: FinetuneParams = dataclasses.field(default_factory=FinetuneParams)
     finetune_scratch: ScratchFinetuneParams = dataclasses.field(default_factory=ScratchFinetuneParams)
+    semi: SemiParams = dataclasses.field(default_factory=SemiParams)
     evaluate: EvaluateParams = dataclasses.field(default_factory=EvaluateParams)
     rl: RLParams = dataclasses.field(default_factory=RLParams)
 

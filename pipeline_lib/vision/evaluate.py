@@ -1,6 +1,8 @@
-"""The evaluate stage: test-split metrics of the SSL-finetuned classifier and of the from-scratch baseline,
-frozen-encoder probes, pixel baselines (logistic regression and an RBF SVM on raw pixels, fitted on `labeled`),
-and the label-efficiency summary (what pretraining is worth at this many labels, over each baseline).
+"""The evaluate stage: test-split metrics of the SSL-finetuned classifier, of the from-scratch baseline and of the
+semi stage's classifier (left out when `semi.method` is none),
+frozen-encoder probes, pixel baselines (logistic regression and an RBF SVM on raw pixels, fitted on `labeled`;
+LabelSpreading over `labeled` and `unlabeled`), and the label-efficiency summary (what pretraining is worth at this
+many labels, over each baseline).
 
 Every number is computed on the `test` split, which no training stage reads. Metrics go to one JSON for
 `dvc metrics`, to the evaluate run in MLflow, and back onto each finetune run (as `test.*` metrics with its
@@ -31,6 +33,7 @@ from pipeline_lib.vision.probe import linear_probe_accuracy
 
 HEADLINE = "ssl"  # the classifier the pipeline ships: finetuned from the pretrained encoder
 BASELINE = "scratch"  # the same architecture, labels and budget from random weights
+SEMI = "semi"  # the finetuned classifier trained further with the unlabeled images (absent with semi.method none)
 
 
 @dataclass
@@ -38,7 +41,8 @@ class EvaluatePaths:
     """Where the evaluate stage reads and writes (all from dvc.yaml).
 
     `classifiers` maps a short name to a finetuned classifier folder: "ssl" (finetuned from the pretrained
-    encoder) and "scratch" (the same recipe from random weights).
+    encoder), "scratch" (the same recipe from random weights) and "semi" (the semi stage's; skipped when its config
+    says `semi: none`).
     """
 
     data: Path
@@ -84,12 +88,15 @@ def run_evaluate(params: VisionParams, paths: EvaluatePaths, tracker: Tracker, d
     if test.labels is None or labeled.labels is None:
         raise DataError(f"{paths.data}: the labeled and test splits need labels.npy to evaluate")
     baselines = pixel_baselines(labeled.images, labeled.labels, test.images, test.labels, seed=params.seed,
-                                folds=params.evaluate.baseline_folds)
+                                folds=params.evaluate.baseline_folds,
+                                unlabeled_images=read_split(paths.data, "unlabeled").images)
     class_names = list(test.meta["class_names"])
     bins = params.evaluate.calibration_bins
     probabilities, results = {}, {}
     for name, folder in paths.classifiers.items():
         network, preprocess, config = load_network(folder)
+        if config.get("semi") == "none":  # the semi stage switched off: the finetuned classifier again
+            continue
         if config.get("num_classes") != len(class_names):
             raise ValueError(f"{folder} predicts {config.get('num_classes')} classes; the test split has "
                              f"{len(class_names)}: rerun finetuning on this data (dvc repro)")
@@ -101,6 +108,12 @@ def run_evaluate(params: VisionParams, paths: EvaluatePaths, tracker: Tracker, d
     if HEADLINE in results:  # and over the pixel baselines, in top-1
         summary.setdefault("gain", {}).update({f"{HEADLINE}_vs_{name}": summary[HEADLINE]["top1"] - scores["top1"]
                                                for name, scores in baselines.items()})
+    if SEMI in results and HEADLINE in results:  # what the unlabeled images add at finetune time
+        for reference in (HEADLINE, BASELINE):
+            if reference in results:
+                summary["gain"][f"{SEMI}_vs_{reference}"] = summary[SEMI]["top1"] - summary[reference]["top1"]
+        summary["gain"].update({f"{SEMI}_vs_{name}": summary[SEMI]["top1"] - scores["top1"]
+                                for name, scores in baselines.items()})
     summary["baselines"] = baselines
     summary["encoder"] = encoder_probes(params, paths.encoder, labeled, test, device, len(class_names))
     summary["labels"] = {"labeled_images": len(labeled), "label_fraction": labeled.meta.get("label_fraction"),
@@ -157,8 +170,8 @@ def log_results(tracker: Tracker, paths: EvaluatePaths, summary: dict[str, Any],
     tracker.flush()
     if tracker.run_id is not None:
         test_images = summary["labels"]["test_images"]
-        for name, folder in paths.classifiers.items():
-            metrics = summary[name]
+        for name in results:
+            folder, metrics = paths.classifiers[name], summary[name]
             headline = (f"test top-1 {metrics['top1']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, ECE "
                         f"{metrics['ece']:.4f} on {test_images} test images (evaluate stage)")
             annotate(read_run_record(folder), {f"test.{k}": v for k, v in _flat(_scalars(results[name])).items()},

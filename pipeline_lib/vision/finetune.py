@@ -80,9 +80,7 @@ class FinetuneTrainer(ImageTrainer[FinetuneParams]):
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Layer-wise lr decay groups over the parameters that train (all, or the head in a linear probe)."""
-        skip = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
-        return param_groups_layer_decay(self.model, self.cfg.weight_decay, no_weight_decay_list=skip,
-                                        layer_decay=self.cfg.layer_decay)
+        return layer_decay_groups(self.model, self.cfg.weight_decay, self.cfg.layer_decay)
 
     def train_mode(self) -> None:
         if self.cfg.mode == "linear_probe":
@@ -103,6 +101,13 @@ class FinetuneTrainer(ImageTrainer[FinetuneParams]):
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
             hits = logits.argmax(dim=1) == labels
         return {"loss": loss, "train_accuracy": hits.float().mean()}
+
+
+def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups with layer-wise lr decay (timm's `param_groups_layer_decay`): the head at the full lr, each block
+    below at `layer_decay` times the one above; no weight decay on biases, norms and the model's `no_weight_decay`."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
 
 
 @dataclass

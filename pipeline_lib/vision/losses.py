@@ -1,4 +1,5 @@
-"""Contrastive losses for self-supervised pretraining: SimCLR's NT-Xent, the margin loss, MoCo v3's InfoNCE.
+"""The vision track's losses: contrastive ones for self-supervised pretraining (SimCLR's NT-Xent, the margin loss,
+MoCo v3's InfoNCE) and the semi-supervised ones of the semi stage (FixMatch, SimCLRv2's distillation).
 
 All are pure functions of the embeddings. Under `torchrun` the InfoNCE losses take their negatives from every
 process: each process keeps its own anchors and compares them with the gathered embeddings of the global
@@ -244,3 +245,54 @@ CONTRASTIVE_LOSSES: dict[str, Callable[..., Tensor]] = {
     "margin": margin_contrastive_views,
 }
 """SimCLR two-view losses by `pretrain.loss` name: `CONTRASTIVE_LOSSES[name](z1, z2, **hyperparameters)`."""
+
+
+def fixmatch_loss(weak_logits: Tensor, strong_logits: Tensor, *, threshold: float) -> tuple[Tensor, Tensor]:
+    """FixMatch's unlabeled loss: the weak view's confident predictions are the strong view's hard targets.
+
+    Reference: Sohn et al., "FixMatch", NeurIPS 2020 (https://arxiv.org/abs/2001.07685), eq. (4): the mean over
+    all B unlabeled images of 1[max p_weak >= threshold] * H(argmax p_weak, p_strong). The weak view's logits are
+    targets, never differentiated.
+
+    Args:
+        weak_logits: (B, K) logits of the weakly augmented images.
+        strong_logits: (B, K) logits of the strongly augmented views of the same images.
+        threshold: the confidence a pseudo-label needs, in (0, 1].
+
+    Returns:
+        The scalar loss, and the share of images whose pseudo-label passed (the mask rate).
+
+    Examples:
+        >>> loss, mask_rate = fixmatch_loss(torch.randn(8, 10), torch.randn(8, 10), threshold=0.95)
+    """
+    _check_pair("weak_logits", weak_logits, "strong_logits", strong_logits)
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold={threshold}: a confidence must be in (0, 1]")
+    with _full_precision(strong_logits):
+        confidence, pseudo = torch.softmax(weak_logits.detach().float(), dim=1).max(dim=1)  # (B,), (B,)
+        mask = (confidence >= threshold).float()
+        loss = (F.cross_entropy(strong_logits.float(), pseudo, reduction="none") * mask).mean()
+    return loss, mask.mean()
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """SimCLRv2's distillation loss: cross-entropy of the student against the teacher, both at `temperature`.
+
+    Reference: Chen et al., "Big Self-Supervised Models are Strong Semi-Supervised Learners", NeurIPS 2020
+    (https://arxiv.org/abs/2006.10029), eq. (3): -sum_y P_T(y | x; tau) log P_S(y | x; tau), averaged over the
+    batch. The teacher's logits are constants.
+
+    Args:
+        student_logits: (B, K).
+        teacher_logits: (B, K), of the same images.
+        temperature: tau, > 0.
+
+    Examples:
+        >>> loss = distillation_loss(torch.randn(8, 10), torch.randn(8, 10), temperature=1.0)
+    """
+    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
+    _check_temperature(temperature)
+    with _full_precision(student_logits):
+        targets = torch.softmax(teacher_logits.detach().float() / temperature, dim=1)
+        log_probs = torch.log_softmax(student_logits.float() / temperature, dim=1)
+        return -(targets * log_probs).sum(dim=1).mean()

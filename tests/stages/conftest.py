@@ -96,6 +96,7 @@ def _toy_params(params: dict[str, Any]) -> None:
                               decoder_num_heads=2, **every)  # 8 epochs x 5 steps
     params["finetune"].update(epochs=20, batch_size=8, warmup_epochs=1.0, **every)  # 20 x 2
     params["finetune_scratch"] = {"epochs": 20}  # the same budget as finetune (the baseline's own recipe: none)
+    params["semi"].update(epochs=8, batch_size=32, labeled_batch_size=8, threshold=0.5, **every)  # 8 x 5 steps
     params["evaluate"].update(knn_k=5)
     params["rl"].update(epochs=10, batch_size=8, group_size=4, num_iterations=2,
                         **every)  # 10 x 2 batches x 2 updates, for GRPO and each baseline

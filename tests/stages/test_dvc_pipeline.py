@@ -68,6 +68,25 @@ def test_finetune_and_evaluate_outputs(toy_project: Path) -> None:
     _check_finetune_and_evaluate(toy_project)
 
 
+def test_semi_outputs(toy_project: Path) -> None:
+    """The semi stage's classifier: registered as started from the finetuned version, scored by evaluate."""
+    repo = toy_project
+    report = json.loads((repo / "metrics/semi.json").read_text())
+    assert report["method"] == "fixmatch" and report["steps"] == 40 and 0 <= report["mask_rate"] <= 1
+    assert json.loads((repo / "models/semi/config.json").read_text())["semi"] == "fixmatch"
+    client = mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    record = json.loads((repo / "models/semi/run.json").read_text())
+    finetuned = json.loads((repo / "models/finetune/run.json").read_text())
+    version = client.get_model_version("ssl-pipeline-classifier", str(record["model_version"]))
+    assert int(version.version) == finetuned["model_version"] + 1
+    assert version.tags["started_from"] == f"models:/ssl-pipeline-classifier/{finetuned['model_version']}"
+    assert version.tags["finetuned.model_version"] == str(finetuned["model_version"])
+    assert version.tags["upstream.finetune.run_id"] == finetuned["run_id"]
+    summary = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert summary["gain"]["semi_vs_ssl"] == summary["semi"]["top1"] - summary["ssl"]["top1"]
+    assert client.get_run(record["run_id"]).data.metrics["test.top1"] == summary["semi"]["top1"]
+
+
 def test_rl_outputs(toy_project: Path) -> None:
     _check_rl(toy_project)
 
@@ -273,7 +292,7 @@ def _check_finetune_and_evaluate(repo: Path) -> None:
 
 
 def _check_rl(repo: Path) -> None:
-    """The post-trained classifier is the newest challenger, traced to the finetuned version, with an abstain
+    """The post-trained classifier is the newest challenger, traced to the semi stage's version, with an abstain
     column; the report holds before/after and the baselines."""
     report = json.loads((repo / "metrics/rl.json").read_text())
     assert set(report["baselines"]) == {"bayes_reference", "expected_reward", "cross_entropy_bayes"}
@@ -281,11 +300,12 @@ def _check_rl(repo: Path) -> None:
     uri = f"sqlite:///{repo}/mlflow.db"
     client = mlflow.MlflowClient(uri)
     record = json.loads((repo / "models/rl/run.json").read_text())
-    finetuned = json.loads((repo / "models/finetune/run.json").read_text())
+    semi = json.loads((repo / "models/semi/run.json").read_text())
     version = client.get_model_version_by_alias("ssl-pipeline-classifier", "challenger")
-    assert int(version.version) == record["model_version"] == finetuned["model_version"] + 1
-    assert version.tags["finetuned.model_version"] == str(finetuned["model_version"])
-    assert version.tags["upstream.finetune.run_id"] == finetuned["run_id"]
+    assert int(version.version) == record["model_version"] == semi["model_version"] + 1
+    assert version.tags["classifier.model_version"] == str(semi["model_version"])
+    assert version.tags["upstream.semi.run_id"] == semi["run_id"]
+    assert version.tags["started_from"] == f"models:/ssl-pipeline-classifier/{semi['model_version']}"
     run = client.get_run(record["run_id"])
     for key in ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "clip_ratio", "grad_norm", "lr"):
         assert key in run.data.metrics, key

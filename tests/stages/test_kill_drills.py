@@ -5,7 +5,7 @@ The drill is a committed copy of the toy project's vision track (`toy_params`: e
 checkpoints every 3rd); the uninterrupted reference is the toy project, reproduced once for all the stage tests
 (`toy_project`). `dvc repro` runs in the drill again and again, each time SIGKILLed with its whole process group
 (dvc and the stage) once the next training stage has checkpointed step 15 and trained on to step 18: pretrain,
-finetune and finetune_scratch (in the order DVC picks), rl during GRPO and rl during a baseline. A last
+finetune and finetune_scratch (in the order DVC picks), semi, rl during GRPO and rl during a baseline. A last
 `dvc repro` finishes. The kill lands at that point every time, not wherever a watcher catches a fast stage: the
 stage runs with the test hook in `stop_at_checkpoint/`, which stops it (SIGSTOP) as it is about to replace
 checkpoint 15 with checkpoint 18, and the test, waiting for the hook's record, kills the group there.
@@ -30,9 +30,9 @@ import pytest
 import torch
 import yaml
 
-TRAINING_STAGES = ("pretrain", "finetune", "finetune_scratch", "rl")
+TRAINING_STAGES = ("pretrain", "finetune", "finetune_scratch", "semi", "rl")
 OUTS = {"pretrain": "models/pretrain", "finetune": "models/finetune", "finetune_scratch": "models/finetune_scratch",
-        "rl": "models/rl"}
+        "semi": "models/semi", "rl": "models/rl"}
 # Each round of the drill kills the first of its targets (stage, checkpoint) to reach the kill point: inside a
 # logging window of 2 steps (an odd step, where the checkpoint closed the window early), and for rl between the two
 # updates of a batch (GRPO resumes with the batch's sampled actions from the checkpoint). finetune and
@@ -43,6 +43,7 @@ ROUNDS = [
     {"pretrain": "checkpoints/pretrain/last.pt"},
     {"finetune": "checkpoints/finetune/last.pt", "finetune_scratch": "checkpoints/finetune_scratch/last.pt"},
     {"finetune": "checkpoints/finetune/last.pt", "finetune_scratch": "checkpoints/finetune_scratch/last.pt"},
+    {"semi": "checkpoints/semi/last.pt"},
     {"rl": "checkpoints/rl/grpo/last.pt"},
     {"rl": "checkpoints/rl/expected_reward/last.pt"},
 ]
@@ -205,7 +206,7 @@ def _metrics(repo: Path, stage: str) -> dict[str, Any]:
     return {key: value for key, value in flat.items() if not UNTIMED.search(key) and key != "resumed_from_step"}
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "finetune", "finetune_scratch", "evaluate", "rl"])
+@pytest.mark.parametrize("stage", ["pretrain", "finetune", "finetune_scratch", "semi", "evaluate", "rl"])
 def test_metrics_equal_the_uninterrupted_run(drill: Drill, stage: str) -> None:
     expected, actual = _metrics(drill.reference, stage), _metrics(drill.drill, stage)
     assert expected and actual == expected
@@ -221,12 +222,13 @@ def test_resumed_from_where_the_kill_landed(drill: Drill) -> None:
 
 
 @pytest.mark.parametrize("path", ["models/pretrain/encoder.safetensors", "models/finetune/classifier.safetensors",
-                                  "models/finetune_scratch/classifier.safetensors", "models/rl/classifier.safetensors"])
+                                  "models/finetune_scratch/classifier.safetensors",
+                                  "models/semi/classifier.safetensors", "models/rl/classifier.safetensors"])
 def test_models_are_bit_identical(drill: Drill, path: str) -> None:
     assert (drill.drill / path).read_bytes() == (drill.reference / path).read_bytes()
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "finetune", "finetune_scratch"])
+@pytest.mark.parametrize("stage", ["pretrain", "finetune", "finetune_scratch", "semi"])
 def test_loss_curves_are_identical(drill: Drill, stage: str) -> None:
     """Every logged window, including the ones a kill cut, averages the same steps as without the kill."""
     def curve(repo: Path) -> list[dict[str, str]]:

@@ -20,7 +20,7 @@ from pipeline_lib.params import load_params
 from pipeline_lib.vision.data.prepare import split_indices
 from pipeline_lib.vision.data.sources import load_source
 from pipeline_lib.vision.data.store import read_split
-from pipeline_lib.vision.label_curve import CURVE_COLUMNS, METHODS, RUN_COLUMNS, draw_sets
+from pipeline_lib.vision.label_curve import CURVE_COLUMNS, METHODS, RUN_COLUMNS, draw_sets, unlabeled_pool
 
 ROOT = Path(__file__).resolve().parents[2]
 FRACTIONS, REPEATS = ("0.1", "0.25"), ("2", "1")  # 16 and 40 of the toy project's 160 training images
@@ -71,7 +71,7 @@ def test_study_draws_the_curve_outside_the_default_pipeline(toy_clone: Path) -> 
     assert list(runs[0]) == RUN_COLUMNS and list(curve[0]) == CURVE_COLUMNS
     assert [(p["label_fraction"], p["labeled_images"], p["repeats"]) for p in curve] == [
         ("0.1", "16", "2"), ("0.25", "40", "1")]
-    assert len(runs) == 3 * len(METHODS)  # 2 + 1 draws, 4 methods each
+    assert len(runs) == 3 * len(METHODS)  # 2 + 1 draws, 6 methods each
     for point in curve:
         for method in METHODS:
             scores = [float(r["top1"]) for r in runs if r["label_fraction"] == point["label_fraction"]
@@ -86,9 +86,20 @@ def test_study_draws_the_curve_outside_the_default_pipeline(toy_clone: Path) -> 
     first = {r["method"]: float(r["top1"]) for r in runs if r["label_fraction"] == "0.1" and r["repeat"] == "0"}
     assert first["ssl"] == pytest.approx(evaluate["ssl"]["top1"])
     assert first["scratch"] == pytest.approx(evaluate["scratch"]["top1"])
-    for name in ("pixels_logreg", "pixels_svm"):
+    assert first["semi"] == pytest.approx(evaluate["semi"]["top1"])  # the semi stage's training, from that model
+    for name in ("pixels_logreg", "pixels_svm", "pixels_label_spreading"):  # the same pool as evaluate's, too
         assert first[name] == pytest.approx(evaluate["baselines"][name]["top1"])
     assert (repo / "plots/label_curve/curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    claims = json.loads((repo / "metrics/label_curve.json").read_text())["points"]  # what the report reads
+    assert sorted(claims) == ["p10", "p25"] and claims["p10"]["draws"] == 2
+    for treatment, control in (("ssl", "scratch"), ("semi", "ssl"), ("semi", "scratch")):
+        by_draw = {m: {r["repeat"]: float(r["top1"]) for r in runs if r["label_fraction"] == "0.1"
+                       and r["method"] == m} for m in (treatment, control)}
+        pair = claims["p10"][f"{treatment}_minus_{control}"]
+        expected = [by_draw[treatment][d] - by_draw[control][d] for d in ("0", "1")]
+        assert pair["per_draw"] == pytest.approx(expected) and pair["n"] == 2
+        assert pair["mean"] == pytest.approx(np.mean(expected)) and pair["low"] <= pair["mean"] <= pair["high"]
+        assert claims["p25"][f"{treatment}_minus_{control}"]["n"] == 1  # one draw: no interval
 
     with sqlite3.connect(repo / "mlflow.db") as db:
         (run_id, artifacts), = db.execute("SELECT run_uuid, artifact_uri FROM runs WHERE name = 'label_curve' "
@@ -122,7 +133,8 @@ def test_study_draws_the_curve_outside_the_default_pipeline(toy_clone: Path) -> 
 ])
 def test_bad_options_stop_with_one_line_and_write_nothing(toy_project: Path, tmp_path: Path, options: list[str],
                                                           message: str) -> None:
-    output = _run(toy_project, sys.executable, *CURVE[1:], "--plots", str(tmp_path / "curve"), *options, status=1)
+    output = _run(toy_project, sys.executable, *CURVE[1:], "--plots", str(tmp_path / "curve"), "--metrics",
+                  str(tmp_path / "curve.json"), *options, status=1)
     assert output.strip().startswith(message) and len(output.strip().splitlines()) == 1, output
     assert not (tmp_path / "curve").exists()
 
@@ -130,9 +142,11 @@ def test_bad_options_stop_with_one_line_and_write_nothing(toy_project: Path, tmp
 def test_first_draws_are_the_fetch_stages_splits(toy_project: Path) -> None:
     params = load_params(toy_project / "params.yaml")
     raw = load_source(params.data, toy_project / "data/cache")
-    prepared = {name: read_split(toy_project / "data/prepared", name) for name in ("labeled", "rl", "test")}
+    splits = ("labeled", "rl", "test", "unlabeled")
+    prepared = {name: read_split(toy_project / "data/prepared", name) for name in splits}
     split = split_indices(raw, params.data, params.seed)
     np.testing.assert_array_equal(raw.train_images[split["rl"]], prepared["rl"].images)  # the fetch stage's rl rows
+    np.testing.assert_array_equal(unlabeled_pool(raw, params), prepared["unlabeled"].images)  # LabelSpreading's
 
     draws, test = draw_sets(raw, params, [params.data.label_fraction, 0.25], [3, 1])
     assert [(d.fraction, d.repeat, len(d.rows)) for d in draws] == [(0.1, 0, 16), (0.1, 1, 16), (0.1, 2, 16),

@@ -187,6 +187,28 @@ def test_rl_checks_the_cost_matrix_against_the_classifier_classes(digits: Path, 
         check_inputs(params_from_dict({}), paths)
 
 
+def test_semi_refuses_a_label_smoothing_under_its_threshold_before_its_run(make_project: Callable[..., Path],
+                                                                            tmp_path: Path) -> None:
+    """The cap 1 - 0.1 * 9 / 10 = 0.91 of the ten digits' labeled loss leaves no pseudo-label at 0.95."""
+    def edit(params: dict[str, Any]) -> None:
+        params["data"]["max_images"] = 200
+        params["semi"].update(label_smoothing=0.1, batch_size=32, labeled_batch_size=8)
+
+    project = make_project(tmp_path, edit, text=False)
+    prepare_dataset(_params(project).data, 0, project / "data/prepared", project / "data/cache")
+    for folder, classes in (("models/finetune", 10), ("models/pretrain", 0)):
+        (project / folder).mkdir(parents=True)
+        (project / folder / "config.json").write_text(json.dumps({"num_classes": classes, "abstain": False}))
+    done = _stage(project, "semi", "--data", "data/prepared", "--encoder", "models/pretrain", "--finetuned",
+                  "models/finetune", "--out", "models/semi", "--metrics", "metrics/semi.json", "--plots",
+                  "plots/semi", "--checkpoints", "checkpoints/semi")
+    line = _refused(done, "semi", "semi.label_smoothing")
+    assert line == ("semi: semi.label_smoothing=0.1: caps the confidence at 0.9100 over 10 classes, below "
+                    "semi.threshold=0.95: no pseudo-label would pass; lower one of them")
+    assert not (project / "checkpoints").exists() and not (project / "models/semi").exists()
+    _assert_no_runs(project)
+
+
 def test_rl_refuses_an_empty_rl_split_naming_rl_fraction(tmp_path: Path) -> None:
     from pipeline_lib.vision.rl import RLPaths, check_inputs
 

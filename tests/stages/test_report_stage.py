@@ -40,11 +40,16 @@ def test_report_of_the_reproduced_project(toy_project: Path, tmp_path: Path) -> 
     assert MISSING not in vision, vision
     baselines = summary["baselines"]
     for label, name in (("pixels: logistic regression", "pixels_logreg"),
-                        ("pixels: RBF SVM, C and gamma by CV on labeled", "pixels_svm")):
+                        ("pixels: RBF SVM, C and gamma by CV on labeled", "pixels_svm"),
+                        ("pixels: LabelSpreading with the unlabeled pool, by CV on labeled", "pixels_label_spreading")):
         assert f"{label}  " in vision and f"{baselines[name]['top1']:.4f}\n" in vision
         assert f"| {label} | {baselines[name]['top1']:.4f} |" in written
-    svm = baselines["pixels_svm"]
-    assert f"the pixel SVM's C {svm['C']:g}, gamma {svm['gamma']:g}." in vision
+    svm, spreading = baselines["pixels_svm"], baselines["pixels_label_spreading"]
+    assert (f"the pixel SVM's C {svm['C']:g}, gamma {svm['gamma']:g}; LabelSpreading's kernel {spreading['kernel']}, "
+            f"alpha {spreading['alpha']:g}.") in vision
     assert f"| SSL gain over the pixel SVM | {summary['gain']['ssl_vs_pixels_svm']:+.4f} |" in written
+    gain = summary["gain"]["ssl_vs_pixels_label_spreading"]
+    assert f"| SSL gain over pixel LabelSpreading | {gain:+.4f} |" in written
+    assert f"| semi-supervised gain over SSL | {summary['gain']['semi_vs_ssl']:+.4f} |" in written
     for table in HEADLINE:
         assert f"{table.title}\n" in text and f"\n### {table.title}\n" in written

@@ -78,12 +78,16 @@ def test_metrics_file_has_both_models_probes_and_gain(pipeline: tuple[EvaluatePa
 
 
 def test_metrics_file_has_the_pixel_baselines(pipeline: tuple[EvaluatePaths, str]) -> None:
-    """Fitted on labeled (with the evaluate section's folds and the run's seed), scored on test."""
+    """Fitted on labeled (with the evaluate section's folds and the run's seed; LabelSpreading with the unlabeled
+    split too), scored on test."""
     paths, _ = pipeline
     labeled, test = read_split(paths.data, "labeled"), read_split(paths.data, "test")
-    expected = pixel_baselines(labeled.images, labeled.labels, test.images, test.labels, seed=PARAMS.seed, folds=3)
+    unlabeled = read_split(paths.data, "unlabeled").images
+    expected = pixel_baselines(labeled.images, labeled.labels, test.images, test.labels, seed=PARAMS.seed, folds=3,
+                               unlabeled_images=unlabeled)
     assert json.loads(paths.metrics.read_text())["baselines"] == expected
     assert set(expected["pixels_svm"]) == {"top1", "C", "gamma"} and set(expected["pixels_logreg"]) == {"top1"}
+    assert set(expected["pixels_label_spreading"]) == {"top1", "kernel", "gamma", "n_neighbors", "alpha"}
 
 
 def test_plots_for_dvc(pipeline: tuple[EvaluatePaths, str]) -> None:
@@ -115,4 +119,10 @@ def test_finetune_runs_carry_their_test_results(pipeline: tuple[EvaluatePaths, s
     assert [evaluate.data.metrics[f"baselines.pixels_svm.{key}"] for key in ("top1", "C", "gamma")] == [
         svm["top1"], svm["C"], svm["gamma"]]
     assert evaluate.data.metrics["gain.ssl_vs_pixels_svm"] == pytest.approx(summary["gain"]["ssl_vs_pixels_svm"])
+    spreading = summary["baselines"]["pixels_label_spreading"]
+    numbers = {key: value for key, value in spreading.items() if isinstance(value, (int, float))}  # not kernel, None
+    assert len(numbers) == 3  # top1, alpha and the kernel's gamma or n_neighbors
+    assert {key: evaluate.data.metrics[f"baselines.pixels_label_spreading.{key}"] for key in numbers} == numbers
+    assert evaluate.data.metrics["gain.ssl_vs_pixels_label_spreading"] == pytest.approx(
+        summary["gain"]["ssl_vs_pixels_label_spreading"])
     assert evaluate.data.metrics["ssl.per_class_accuracy.3"] == pytest.approx(summary["ssl"]["per_class_accuracy"]["3"])

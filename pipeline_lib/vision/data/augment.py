@@ -272,3 +272,83 @@ class BatchAugment:
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
         """Sample for this batch from `generator`, then apply."""
         return self.apply(images, self.sample(len(images), generator, images.device))
+
+
+@dataclass(frozen=True)
+class StrongConfig:
+    """FixMatch's strong view for small images: one random affine map per image, then cutout.
+
+    Reference: Sohn et al., "FixMatch", NeurIPS 2020 (strong = RandAugment + Cutout). On 8x8 digits colour
+    operations carry no information, so the geometric part is kept and drawn continuously.
+
+    Attributes:
+        rotation: degrees, uniform in [-rotation, rotation].
+        shift: per axis, uniform in [-shift, shift] as a fraction of the side.
+        scale: zoom factor range, uniform.
+        shear: degrees along x, uniform in [-shear, shear].
+        cutout: side of the square hole as a fraction of the image side, uniform in the range; (0, 0): off.
+        fill: the value cutout writes (FixMatch's grey).
+    """
+
+    rotation: float = 30.0
+    shift: float = 0.25
+    scale: tuple[float, float] = (0.8, 1.2)
+    shear: float = 20.0
+    cutout: tuple[float, float] = (0.125, 0.5)
+    fill: float = 0.5
+
+    def __post_init__(self) -> None:
+        low, high = self.scale
+        if not 0 < low <= high:
+            raise ValueError(f"scale={self.scale}: need 0 < min <= max")
+        low, high = self.cutout
+        if not 0 <= low <= high <= 1:
+            raise ValueError(f"cutout={self.cutout}: need 0 <= min <= max <= 1 (fractions of the side)")
+
+
+class StrongAugment:
+    """A random affine map (rotation, shift, scale, shear) and cutout for (B, C, H, W) images in [0, 1], batched.
+
+    As `BatchAugment`: `sample` draws every choice for a batch, `apply` is deterministic given them.
+    """
+
+    def __init__(self, cfg: StrongConfig, out_size: int) -> None:
+        if out_size < 1:
+            raise ValueError(f"out_size={out_size}: must be a positive number of pixels")
+        self.cfg, self.out_size = cfg, out_size
+
+    def sample(self, batch_size: int, generator: torch.Generator, device: torch.device | str) -> dict[str, Tensor]:
+        """Returns:
+            theta: (B, 2, 3) maps from output to input coordinates in [-1, 1] (`affine_grid`'s convention).
+            cutout: (B, 3) the hole's centre (x, y) and side, as fractions of the image side; side 0: none.
+        """
+        cfg, B, g = self.cfg, batch_size, generator
+        angle = torch.deg2rad(_uniform(-cfg.rotation, cfg.rotation, (B,), g))
+        shear = torch.deg2rad(_uniform(-cfg.shear, cfg.shear, (B,), g))
+        scale = _uniform(*cfg.scale, (B,), g)
+        shift = _uniform(-cfg.shift, cfg.shift, (B, 2), g) * 2  # fractions of the side -> [-1, 1] units
+        cos, sin = angle.cos(), angle.sin()
+        rotation = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)  # (B, 2, 2)
+        shearing = torch.eye(2).repeat(B, 1, 1)
+        shearing[:, 0, 1] = shear.tan()
+        linear = rotation @ shearing / scale.view(-1, 1, 1)  # zooming in samples a smaller input area
+        theta = torch.cat([linear, shift.unsqueeze(2)], dim=2)
+        centre = torch.rand(B, 2, generator=g, device=g.device)
+        side = _uniform(*cfg.cutout, (B, 1), g)
+        return {"theta": theta.to(device), "cutout": torch.cat([centre, side], dim=1).to(device)}
+
+    def apply(self, images: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """(B, C, H, W) float in [0, 1] -> (B, C, out_size, out_size) in [0, 1]; outside the image is 0."""
+        if images.ndim != 4 or not images.is_floating_point():
+            raise ValueError(f"images must be float (B, C, H, W) in [0, 1], got {images.dtype} {tuple(images.shape)}")
+        if len(params["theta"]) != len(images):
+            raise ValueError(f"params are for {len(params['theta'])} images, got a batch of {len(images)}")
+        size = [len(images), images.shape[1], self.out_size, self.out_size]
+        grid = F.affine_grid(params["theta"].to(images.dtype), size, align_corners=False)  # (B, S, S, 2)
+        out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        centre, side = params["cutout"][:, :2], params["cutout"][:, 2:]  # (B, 2), (B, 1)
+        pixels = (torch.arange(self.out_size, device=images.device, dtype=images.dtype) + 0.5) / self.out_size
+        inside_x = (pixels.view(1, -1) - centre[:, :1]).abs() < side / 2  # (B, S) columns in the hole
+        inside_y = (pixels.view(1, -1) - centre[:, 1:]).abs() < side / 2  # (B, S) rows in the hole
+        hole = (inside_y.unsqueeze(2) & inside_x.unsqueeze(1)).unsqueeze(1)  # (B, 1, S, S)
+        return torch.where(hole, torch.full_like(out, self.cfg.fill), out).clamp(0, 1)
