@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -172,12 +173,15 @@ def lookup(document: dict[str, Any], key: str | None) -> Any:
 
 def cell(value: Any, *, signed: bool = False) -> str:
     """A number to 4 decimals (a difference with its sign); an interval (`core.claims.Interval` as a mapping) as
-    its mean and [low, high] to 3; anything else that is not text as MISSING."""
+    its mean and [low, high] to 3 (the mean alone where one value left no interval); anything else that is not
+    text as MISSING."""
     if isinstance(value, dict) and {"mean", "low", "high"} <= set(value):
         spec = "+.3f" if signed else ".3f"
         numbers = [value[key] for key in ("mean", "low", "high")]
         if not all(isinstance(number, (int, float)) for number in numbers):
             return MISSING
+        if any(math.isnan(number) for number in numbers[1:]):  # one seed or draw: a difference with no interval
+            return format(numbers[0], spec)
         mean, low, high = (format(number, spec) for number in numbers)
         return f"{mean} [{low}, {high}]"
     if isinstance(value, bool) or not isinstance(value, (int, float)):

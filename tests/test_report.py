@@ -18,9 +18,11 @@ from pipeline_lib.report import HEADLINE, MISSING, main
 POLICY = {"reward_greedy": 0.81, "accuracy": 0.92, "coverage": 0.97, "selective_risk": 0.05, "nll": 0.31, "ece": 0.04}
 METRICS: dict[str, dict[str, Any]] = {
     "evaluate.json": {
-        "ssl": {"top1": 0.9512, "macro_f1": 0.95}, "scratch": {"top1": 0.8123},
-        "gain": {"top1": 0.1389, "ssl_vs_pixels_logreg": 0.0601, "ssl_vs_pixels_svm": -0.0042},
-        "baselines": {"pixels_logreg": {"top1": 0.8911}, "pixels_svm": {"top1": 0.9554, "C": 10.0, "gamma": 0.1}},
+        "ssl": {"top1": 0.9512, "macro_f1": 0.95}, "scratch": {"top1": 0.8123}, "semi": {"top1": 0.9601},
+        "gain": {"top1": 0.1389, "ssl_vs_pixels_logreg": 0.0601, "ssl_vs_pixels_svm": -0.0042,
+                 "ssl_vs_pixels_label_spreading": -0.0188, "semi_vs_ssl": 0.0089, "semi_vs_pixels_svm": 0.0047},
+        "baselines": {"pixels_logreg": {"top1": 0.8911}, "pixels_svm": {"top1": 0.9554, "C": 10.0, "gamma": 0.1},
+                      "pixels_label_spreading": {"top1": 0.97, "kernel": "knn", "alpha": 0.2}},
         "encoder": {"knn_top1": 0.7743, "linear_probe_top1": 0.8105},
         "labels": {"labeled_images": 144, "label_fraction": 0.1, "test_images": 359},
     },
@@ -33,6 +35,13 @@ METRICS: dict[str, dict[str, Any]] = {
                  "reward_greedy_over_cross_entropy": -0.0418},
         "test_images": 359,
     },
+    "label_curve.json": {"test_images": 359, "points": {
+        f"p{percent}": {"ssl": 0.9 - 0.01 * index, "semi": 0.91, "scratch": 0.8, "pixels_svm": 0.92,
+                        "pixels_label_spreading": 0.95,
+                        **{pair: {"mean": 0.1, "low": 0.05 if index < 4 else float("nan"),
+                                  "high": 0.15 if index < 4 else float("nan")}
+                           for pair in ("ssl_minus_scratch", "semi_minus_ssl", "semi_minus_scratch")}}
+        for index, percent in enumerate((1, 2, 5, 10, 25, 50))}},
     "text/evaluate.json": {"ngram": {"bpc": 1.6771}, "ar": {"bpc": 1.8118}, "mdm": {"bpc_bound": 2.9429}},
     "text/task.json": {
         **{f"{model}_{objective}": {"accuracy": accuracy, "pass_at_1": accuracy / 2, "maj_at_16": accuracy,
@@ -52,11 +61,18 @@ METRICS: dict[str, dict[str, Any]] = {
 }
 # Each headline row as the report must print it: label, then its cells.
 VISION = [["SSL: finetuned from the pretrained encoder", "0.9512"],
+          ["semi-supervised: the SSL model trained on with the unlabeled images", "0.9601"],
           ["scratch: same model and labels, random init", "0.8123"],
           ["pixels: logistic regression", "0.8911"],
           ["pixels: RBF SVM, C and gamma by CV on labeled", "0.9554"],
+          ["pixels: LabelSpreading with the unlabeled pool, by CV on labeled", "0.9700"],
           ["encoder: kNN", "0.7743"], ["encoder: linear probe", "0.8105"],
-          ["SSL gain over scratch", "+0.1389"], ["SSL gain over the pixel SVM", "-0.0042"]]
+          ["SSL gain over scratch", "+0.1389"], ["semi-supervised gain over SSL", "+0.0089"],
+          ["semi-supervised gain over the pixel SVM", "+0.0047"], ["SSL gain over the pixel SVM", "-0.0042"],
+          ["SSL gain over pixel LabelSpreading", "-0.0188"]]
+CURVE = [[f"{percent}%", f"{0.9 - 0.01 * index:.4f}", "0.9100", "0.8000", "0.9200", "0.9500",
+          *(["0.100 [0.050, 0.150]"] * 3 if index < 4 else ["0.100"] * 3)]
+         for index, percent in enumerate((1, 2, 5, 10, 25, 50))]
 RL = [["finetuned classifier (the reference)", "0.8100", "0.9200", "0.9700", "0.0500", "0.3100", "0.0400"],
       ["GRPO post-trained", "0.8217", "0.9200", "0.9700", "0.0500", "0.3100", "0.0383"],
       ["Bayes rule on the reference", "0.8100", "0.9200", "0.9248", "0.0500", "0.3100", "0.0400"],
@@ -71,7 +87,8 @@ CLAIM = [[f"{objective}: {label}", *(f"{base + shift:+.3f} [{base + shift - 0.05
                                      for shift in (0.0, 0.01, 0.02, -0.03)), f"{base - 0.02:+.4f}"]
          for objective in ("ar", "mdm")
          for label, base in (("GRPO - shuffled reward", 0.15), ("GRPO - SFT", 0.08), ("GRPO - RFT", -0.01))]
-NOTES = ["144 labeled images (label fraction 0.1), 359 test images; the pixel SVM's C 10, gamma 0.1.",
+NOTES = ["144 labeled images (label fraction 0.1), 359 test images; the pixel SVM's C 10, gamma 0.1; LabelSpreading's "
+         "kernel knn, alpha 0.2.",
          "Reward abstain, on 359 test images. GRPO's gain in greedy reward: +0.0117 over the reference, +0.0195 over "
          "the Bayes rule, -0.0418 over cross-entropy.",
          "On 512 test prompts: exact match of the greedy completion, and of 16 samples at temperature 1 the mean "
@@ -108,8 +125,8 @@ def headers() -> list[list[str]]:
 
 def test_both_tracks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rows, table, text = report(write_metrics(tmp_path / "metrics", METRICS), capsys, tmp_path / "headline.md")
-    expected = [headers()[0], *VISION, headers()[1], *RL, headers()[2], *BPC, headers()[3], *TASK, headers()[4],
-                *CLAIM]
+    expected = [headers()[0], *VISION, headers()[1], *CURVE, headers()[2], *RL, headers()[3], *BPC, headers()[4],
+                *TASK, headers()[5], *CLAIM]
     assert rows == expected
     assert table == expected
     markdown = (tmp_path / "headline.md").read_text()
@@ -122,18 +139,21 @@ def test_both_tracks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 def test_a_track_not_reproduced_shows_dashes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """No text metrics, an rl.json that is not JSON, and an evaluate.json from before the pixel baselines."""
-    metrics = {name: document for name, document in METRICS.items() if not name.startswith("text/")}
+    metrics = {name: document for name, document in METRICS.items()
+               if not name.startswith("text/") and name != "label_curve.json"}
     old = json.loads(json.dumps(metrics["evaluate.json"]))
-    del old["baselines"], old["gain"]["ssl_vs_pixels_svm"]
+    del old["baselines"]
+    for key in ("ssl_vs_pixels_svm", "ssl_vs_pixels_label_spreading", "semi_vs_pixels_svm"):
+        del old["gain"][key]
     folder = write_metrics(tmp_path / "metrics", {**metrics, "evaluate.json": old})
     (folder / "rl.json").write_text("{not json")
     rows, table, text = report(folder, capsys, tmp_path / "headline.md")
     vision = [[label, MISSING if "pixel" in label else value] for label, value in VISION]
-    dashes = [[row[0]] + [MISSING] * (len(row) - 1) for row in RL + BPC + TASK + CLAIM]
-    expected = [headers()[0], *vision, headers()[1], *dashes[:5], headers()[2], *dashes[5:8], headers()[3],
-                *dashes[8:14], headers()[4], *dashes[14:]]
+    dashes = [[row[0]] + [MISSING] * (len(row) - 1) for row in CURVE + RL + BPC + TASK + CLAIM]
+    expected = [headers()[0], *vision, headers()[1], *dashes[:6], headers()[2], *dashes[6:11], headers()[3],
+                *dashes[11:14], headers()[4], *dashes[14:20], headers()[5], *dashes[20:]]
     assert rows == expected and table == expected
-    assert "the pixel SVM's C —, gamma —." in text
+    assert "the pixel SVM's C —, gamma —; LabelSpreading's kernel —, alpha —." in text
     assert f"{folder / 'rl.json'} unreadable: " in text
     assert f"{folder / 'text' / 'evaluate.json'} not found (not reproduced yet)" in text
     assert f"{folder / 'text' / 'task.json'} not found (not reproduced yet)" in text
@@ -165,3 +185,11 @@ def test_the_retrain_workflow_puts_the_headline_in_its_summary() -> None:
     lines = scripts[headline].splitlines()
     assert lines[0] == "python -m pipeline_lib.report --markdown headline.md"
     assert {'cat headline.md >> "$GITHUB_STEP_SUMMARY"', "cat headline.md >> retrain-report.md"} <= set(lines)
+
+
+def test_an_interval_prints_as_mean_and_bounds_and_one_draw_as_its_mean_alone() -> None:
+    from pipeline_lib.report import cell
+
+    assert cell({"mean": 0.0412, "low": -0.059, "high": 0.1404}, signed=True) == "+0.041 [-0.059, +0.140]"
+    assert cell({"mean": 0.0084, "low": float("nan"), "high": float("nan")}, signed=True) == "+0.008"
+    assert cell({"mean": None, "low": 0.0, "high": 1.0}) == MISSING
