@@ -50,9 +50,9 @@ ROUNDS = [
 TOTAL_STEPS = 40  # of every trainer, with `toy_params`
 KILLED_AT = 15  # the checkpoint a killed stage leaves (an odd step, past a quarter of the run); steps 16-18 are lost
 HOOK = Path(__file__).resolve().parent / "stop_at_checkpoint"
-# Keys that measure the machine, not the model: throughput and wall-clock seconds. `resumed_from_step` is
+# Keys that measure the machine, not the model: throughput, wall-clock seconds, seconds a step. `resumed_from_step` is
 # compared with where the kill landed instead.
-UNTIMED = re.compile(r"(^|\.)(images_per_second|samples_per_second|tokens_per_second|train_seconds)(\.|$)")
+UNTIMED = re.compile(r"(^|\.)(images_per_second|samples_per_second|tokens_per_second|train_seconds|step_time)(\.|$)")
 
 
 def _env(**extra: str) -> dict[str, str]:

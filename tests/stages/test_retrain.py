@@ -16,7 +16,7 @@ import mlflow
 import pytest
 import yaml
 
-TRAINING = ("fetch", "pretrain", "finetune", "finetune_scratch", "evaluate", "rl")
+TRAINING = ("fetch", "pretrain", "finetune", "finetune_scratch", "semi", "evaluate", "rl")
 MODEL = "ssl-pipeline-classifier"
 
 
@@ -44,6 +44,7 @@ def _tiny(params: dict[str, Any]) -> None:
                               decoder_num_heads=2)
     params["finetune"].update(epochs=2, batch_size=8, warmup_epochs=1.0)
     params["finetune_scratch"] = {"epochs": 2}
+    params["semi"].update(epochs=1, batch_size=32, labeled_batch_size=8, threshold=0.5)
     params["evaluate"].update(knn_k=5)
     params["rl"].update(epochs=1, batch_size=8, group_size=4)
     params["promote"].update(task_ar=None, task_mdm=None)  # the vision track only
@@ -84,13 +85,13 @@ def test_retrain_then_param_change_reruns_only_its_dependents_then_the_gate_deci
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = _run(repo, "dvc", "status")
     assert status.startswith("rl:") and "modified:           rl" in status, status
-    for stage in ("fetch:", "pretrain:", "finetune:", "finetune_scratch:", "evaluate:"):
+    for stage in ("fetch:", "pretrain:", "finetune:", "finetune_scratch:", "semi:", "evaluate:"):
         assert stage not in status, status
 
     before = json.loads((repo / "metrics/rl.json").read_text())["post_trained"]["reward_greedy"]
     second = _retrain(repo, "--report", "report.md")
     assert _ran(second) == {"rl"}, second
-    for stage in ("fetch", "pretrain", "finetune", "finetune_scratch", "evaluate"):
+    for stage in ("fetch", "pretrain", "finetune", "finetune_scratch", "semi", "evaluate"):
         assert f"Stage '{stage}' didn't change, skipping" in second
     after = json.loads((repo / "metrics/rl.json").read_text())["post_trained"]["reward_greedy"]
     report = (repo / "report.md").read_text()
